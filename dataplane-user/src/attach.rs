@@ -1,0 +1,323 @@
+//! Programs ↔ interfaces: loads the embedded object with its maps pinned, and attaches the
+//! programs to interfaces through TCX links that are pinned, so that they survive the agent
+//! and a restarted agent can swap its programs in atomically.
+
+use std::{
+    collections::HashSet,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use dataplane_common::map_names;
+use tracing::{debug, info, warn};
+
+use crate::{EBPF_OBJECT, bpffs::PinDir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("load program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attach {program} to {iface} {direction}: {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        direction: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("pin link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("reuse pinned link {path}: {source}")]
+    Reuse { path: PathBuf, source: LinkError },
+    #[error("unpin link {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+}
+
+/// Which programs an interface gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's host-side veth (`cali…`).
+    Workload,
+    /// The node's NIC toward the fabric.
+    Host,
+}
+
+struct Hook {
+    program: &'static str,
+    attach_type: TcAttachType,
+    direction: &'static str,
+}
+
+impl Role {
+    fn hooks(self) -> [Hook; 2] {
+        match self {
+            Self::Workload => [
+                Hook {
+                    program: "from_workload",
+                    attach_type: TcAttachType::Ingress,
+                    direction: "ingress",
+                },
+                Hook {
+                    program: "to_workload",
+                    attach_type: TcAttachType::Egress,
+                    direction: "egress",
+                },
+            ],
+            Self::Host => [
+                Hook {
+                    program: "host_ingress",
+                    attach_type: TcAttachType::Ingress,
+                    direction: "ingress",
+                },
+                Hook {
+                    program: "host_egress",
+                    attach_type: TcAttachType::Egress,
+                    direction: "egress",
+                },
+            ],
+        }
+    }
+}
+
+const PROGRAMS: [&str; 4] = ["from_workload", "to_workload", "host_ingress", "host_egress"];
+const PINNED_MAPS: [&str; 1] = [map_names::COUNTERS];
+
+/// The programs of one interface, attached through pinned TCX links.
+#[derive(Debug)]
+pub struct Attachment {
+    pub ifindex: u32,
+    pub name: String,
+    pub role: Role,
+    links: Vec<(PathBuf, PinnedLink)>,
+}
+
+/// Name of the pin of one interface's link: `<ifindex>-<ifname>-<ingress|egress>`. The
+/// ifindex tells a pin of a deleted interface from one of a new interface with the same name.
+fn link_pin_name(ifindex: u32, iface: &str, direction: &str) -> String {
+    format!("{ifindex}-{iface}-{direction}")
+}
+
+/// Parses a pin name back into (ifindex, interface name).
+fn parse_link_pin_name(pin: &str) -> Option<(u32, &str)> {
+    let (ifindex, rest) = pin.split_once('-')?;
+    let (iface, direction) = rest.rsplit_once('-')?;
+    if !matches!(direction, "ingress" | "egress") || iface.is_empty() {
+        return None;
+    }
+    Some((ifindex.parse().ok()?, iface))
+}
+
+/// The loaded object and where its links are pinned.
+pub struct Programs {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+}
+
+impl Programs {
+    /// Loads the embedded object, reusing the maps already pinned under `pins` (an agent
+    /// restart keeps its state) or creating and pinning them.
+    pub fn load(pins: &PinDir) -> Result<Self, AttachError> {
+        let maps_dir = pins.maps_dir();
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(AttachError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| AttachError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| AttachError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            links_dir: pins.links_dir(),
+        })
+    }
+
+    /// Removes the pins of links whose interface is gone (their links are already detached
+    /// by the kernel), so that only live interfaces' pins remain. `live` holds
+    /// (ifindex, name) of the interfaces that exist now.
+    pub fn remove_stale_pins(&self, live: &HashSet<(u32, String)>) -> Result<(), AttachError> {
+        let entries = match fs::read_dir(&self.links_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(AttachError::Unpin {
+                    path: self.links_dir.clone(),
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let keep = file_name
+                .to_str()
+                .and_then(parse_link_pin_name)
+                .is_some_and(|(ifindex, iface)| live.contains(&(ifindex, iface.to_owned())));
+            if !keep {
+                let path = entry.path();
+                debug!(pin = %path.display(), "removing pin of a link whose interface is gone");
+                remove_pin(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches `role`'s programs to the interface. A link pinned by an earlier agent for the
+    /// same interface is updated in place (the old program is replaced atomically, no packet
+    /// sees the interface without a program); otherwise a new TCX link is created. Either both
+    /// hooks end up attached and pinned, or neither.
+    pub fn attach(&mut self, ifindex: u32, name: &str, role: Role) -> Result<Attachment, AttachError> {
+        let mut links = Vec::with_capacity(2);
+        for hook in role.hooks() {
+            match self.attach_hook(ifindex, name, &hook) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    for (path, link) in links {
+                        if let Err(undo) = unpin(path, link) {
+                            warn!(iface = name, error = %undo, "undo a half-made attachment");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        info!(iface = name, ifindex, ?role, "attached");
+        Ok(Attachment {
+            ifindex,
+            name: name.to_owned(),
+            role,
+            links,
+        })
+    }
+
+    fn attach_hook(
+        &mut self,
+        ifindex: u32,
+        iface: &str,
+        hook: &Hook,
+    ) -> Result<(PathBuf, PinnedLink), AttachError> {
+        let pin_path = self
+            .links_dir
+            .join(link_pin_name(ifindex, iface, hook.direction));
+        let attach_err = |source| AttachError::Attach {
+            program: hook.program,
+            iface: iface.to_owned(),
+            direction: hook.direction,
+            source,
+        };
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(hook.program)
+            .ok_or(AttachError::MissingProgram(hook.program))?
+            .try_into()
+            .map_err(attach_err)?;
+        let id = match PinnedLink::from_pin(&pin_path) {
+            Ok(old) => {
+                // The pin keeps the link alive; we hold its fd now, so the file can go and be
+                // made again for the updated link below.
+                fs::remove_file(&pin_path).map_err(|source| AttachError::Unpin {
+                    path: pin_path.clone(),
+                    source,
+                })?;
+                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
+                    AttachError::Reuse {
+                        path: pin_path.clone(),
+                        source,
+                    }
+                })?;
+                prog.attach_to_link(link).map_err(attach_err)?
+            }
+            Err(_) => prog
+                .attach_with_options(
+                    iface,
+                    hook.attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?,
+        };
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|source| AttachError::Reuse {
+            path: pin_path.clone(),
+            source,
+        })?;
+        let pinned = fd_link.pin(&pin_path).map_err(|source| AttachError::Pin {
+            path: pin_path.clone(),
+            source,
+        })?;
+        Ok((pin_path, pinned))
+    }
+}
+
+impl Attachment {
+    /// Detaches the programs: removes the pins and closes the links.
+    pub fn detach(self) -> Result<(), AttachError> {
+        let mut result = Ok(());
+        for (path, link) in self.links {
+            if let Err(e) = unpin(path, link) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+/// Removes the pin and closes the link, which detaches the program.
+fn unpin(path: PathBuf, link: PinnedLink) -> Result<(), AttachError> {
+    match link.unpin() {
+        Ok(fd_link) => {
+            drop(fd_link);
+            Ok(())
+        }
+        Err(source) if source.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AttachError::Unpin { path, source }),
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), AttachError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AttachError::Unpin {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        let name = link_pin_name(27, "cali1a2b3c4d5e6", "ingress");
+        assert_eq!(name, "27-cali1a2b3c4d5e6-ingress");
+        assert_eq!(parse_link_pin_name(&name), Some((27, "cali1a2b3c4d5e6")));
+        assert_eq!(parse_link_pin_name("3-eth-0-egress"), Some((3, "eth-0")));
+        assert_eq!(parse_link_pin_name("x-eth0-egress"), None);
+        assert_eq!(parse_link_pin_name("3-eth0-sideways"), None);
+        assert_eq!(parse_link_pin_name("3--egress"), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! The command line of the `dataplane` binary.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::DEFAULT_BPFFS_DIR;
+
+/// eBPF dataplane for Kubernetes pod networking: TC programs on every pod veth and on the host
+/// NIC, driven by a per-node agent from etcd.
+#[derive(Debug, Parser)]
+#[command(name = "dataplane", version, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// `dataplane=debug`).
+    #[arg(long, global = true, env = "DATAPLANE_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: load the programs, pin their maps, attach them to the host NIC and
+    /// to every cali* interface, now and as they appear.
+    ///
+    /// Runs in the node's network namespace. On SIGTERM or SIGINT it exits and leaves the
+    /// programs attached (their links are pinned under --bpffs-dir), so a restart does not
+    /// interrupt traffic; a new agent takes the pins over and swaps its programs in.
+    ///
+    /// Example:
+    ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 --host-iface eth0
+    Agent(AgentArgs),
+    /// Print the contents of the pinned maps (works with the agent stopped).
+    ///
+    /// Examples:
+    ///   dataplane map-dump counters
+    ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
+    MapDump(MapDumpArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneMode {
+    /// TC eBPF programs (the default).
+    Bpf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This node's name, as in its Node resource.
+    #[arg(long, env = "NODENAME")]
+    pub node: String,
+    /// etcd endpoints, comma separated (e.g. http://10.0.0.5:2379).
+    #[arg(long, value_delimiter = ',', env = "ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Vec<String>,
+    /// The node's NIC toward the other nodes.
+    #[arg(long, default_value = "eth0")]
+    pub host_iface: String,
+    /// How pod traffic is handled.
+    #[arg(long, value_enum, default_value_t = DataplaneMode::Bpf)]
+    pub dataplane: DataplaneMode,
+    /// Where this agent pins its maps and links (one directory per agent; it is locked).
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DumpKind {
+    /// Packets, bytes and outcomes per interface and hook, with drops by reason.
+    Counters,
+    /// Every kind above.
+    All,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MapDumpArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    pub kind: DumpKind,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's pin directory.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}

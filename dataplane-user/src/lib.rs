@@ -1,0 +1,40 @@
+//! The dataplane's userspace: the agent that loads and attaches the TC programs and keeps
+//! their maps in step with the datastore, plus the tools that inspect them.
+//!
+//! One module per concern: [`bpffs`] (the pin directory and its lock), [`attach`] (programs ↔
+//! interfaces), [`netlink`] (interface events), [`maps`] (typed access to pinned maps),
+//! [`agent`] (the reconcile loop), [`dump`] (map-dump), [`cli`] (the command line).
+
+pub mod agent;
+pub mod attach;
+pub mod bpffs;
+pub mod cli;
+pub mod dump;
+pub mod maps;
+pub mod netlink;
+
+/// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
+/// `dataplane` is one self-contained file.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+/// Default root of the pinned maps and links.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dataplane";
+
+/// Interfaces whose names start with this are pod veths (host side), as in Calico.
+pub const WORKLOAD_IFACE_PREFIX: &str = "cali";
+
+/// An error and its causes on one line, each cause once: "attach …: bpf_link_create failed:
+/// No such device". Causes whose text the outer message already contains are skipped.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,50 @@
+//! Typed access to the pinned maps, for the agent and for tools that run without it
+//! (`map-dump` reads the pins directly).
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
+use dataplane_common::{CounterKey, Counters, counter, map_names};
+
+use crate::bpffs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("open pinned map {path}: {source} (is an agent running with this --bpffs-dir?)")]
+    Open { path: String, source: MapError },
+    #[error("read map {name}: {source}")]
+    Read { name: &'static str, source: MapError },
+}
+
+/// Opens the counters map pinned under the agent root `root`.
+pub fn open_counters(
+    root: &Path,
+) -> Result<PerCpuHashMap<MapData, CounterKey, Counters>, MapsError> {
+    let path = bpffs::maps_dir(root).join(map_names::COUNTERS);
+    let open_err = |source| MapsError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(open_err)
+}
+
+/// Counters summed over all CPUs, by (ifindex, hook).
+pub fn read_counters(root: &Path) -> Result<BTreeMap<(u32, u8), Counters>, MapsError> {
+    let map = open_counters(root)?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (key, per_cpu) = entry.map_err(|source| MapsError::Read {
+            name: map_names::COUNTERS,
+            source,
+        })?;
+        let mut sum = Counters::ZERO;
+        for cpu in per_cpu.iter() {
+            for slot in 0..counter::COUNT {
+                sum.values[slot] = sum.values[slot].wrapping_add(cpu.values[slot]);
+            }
+        }
+        out.insert((key.ifindex, key.hook), sum);
+    }
+    Ok(out)
+}
