@@ -1,0 +1,464 @@
+//! The cluster in a box: a fabric bridge in its own namespace, node namespaces whose `eth0`
+//! plugs into it, a router namespace toward a second subnet, pods wired to their node, and an
+//! etcd server on the fabric. Every piece is removed by its guard, in reverse order of making.
+
+use std::{
+    net::Ipv4Addr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use crate::netns::{ChildGuard, Netns, unique};
+
+/// First subnet of the fabric; nodes on it are 192.168.1.10, .11, …
+pub const SUBNET_1: [u8; 3] = [192, 168, 1];
+/// Second subnet, behind the router; nodes on it are 192.168.2.10, …
+pub const SUBNET_2: [u8; 3] = [192, 168, 2];
+/// etcd's address on the fabric.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 250);
+/// The router's legs: .1 on each subnet.
+const ROUTER_HOST: u8 = 1;
+
+/// The fabric: a namespace holding one bridge per subnet. Every other namespace of the
+/// cluster plugs a veth into it.
+#[derive(Debug)]
+pub struct Fabric {
+    pub ns: Netns,
+    /// Prefix of this cluster's namespaces, unique on the machine.
+    pub id: String,
+    ports: std::sync::atomic::AtomicU32,
+}
+
+impl Fabric {
+    pub fn new() -> Self {
+        let id = unique("dp");
+        let ns = Netns::new(&format!("{id}-fabric"));
+        for br in ["br1", "br2"] {
+            ns.ip(&["link", "add", br, "type", "bridge"]);
+            ns.ip(&["link", "set", br, "up"]);
+        }
+        Self {
+            ns,
+            id,
+            ports: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// Plugs `iface` of `ns` into bridge `br{subnet}` with `addr/24`.
+    pub fn plug(&self, ns: &Netns, iface: &str, subnet: u8, addr: Ipv4Addr) {
+        let port = format!(
+            "p{}",
+            self.ports.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.ns.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", iface, "netns", &ns.name,
+        ]);
+        self.ns
+            .ip(&["link", "set", &port, "master", &format!("br{subnet}")]);
+        self.ns.ip(&["link", "set", &port, "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", iface]);
+        ns.ip(&["link", "set", iface, "up"]);
+    }
+}
+
+impl Default for Fabric {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The router between the two subnets: a namespace with a leg on each bridge, forwarding.
+#[derive(Debug)]
+pub struct Router {
+    pub ns: Netns,
+}
+
+impl Router {
+    pub fn new(fabric: &Fabric) -> Self {
+        let ns = Netns::new(&format!("{}-router", fabric.id));
+        for (subnet, net) in [(1, SUBNET_1), (2, SUBNET_2)] {
+            let addr = Ipv4Addr::new(net[0], net[1], net[2], ROUTER_HOST);
+            fabric.plug(&ns, &format!("eth{subnet}"), subnet, addr);
+        }
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        Self { ns }
+    }
+}
+
+/// A whole cluster in a box. Fields drop in order: nodes (and their pods' namespaces go with
+/// the pods' own guards), etcd, router, fabric.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub etcd: Option<Etcd>,
+    pub router: Router,
+    pub fabric: Fabric,
+}
+
+impl Cluster {
+    /// One node per entry of `subnets` (1 or 2), named node-1, node-2, …; hosts .10, .11, …
+    /// on each subnet. `with_etcd` starts a real etcd on the fabric.
+    pub fn new(subnets: &[u8], with_etcd: bool) -> Self {
+        let fabric = Fabric::new();
+        let router = Router::new(&fabric);
+        let etcd = with_etcd.then(|| Etcd::start(&fabric));
+        let mut hosts = [10u8, 10u8];
+        let nodes = subnets
+            .iter()
+            .enumerate()
+            .map(|(i, &subnet)| {
+                let host = &mut hosts[usize::from(subnet == 2)];
+                let node = Node::new(&fabric, &format!("node-{}", i + 1), subnet, *host);
+                *host += 1;
+                node
+            })
+            .collect();
+        Self {
+            nodes,
+            etcd,
+            router,
+            fabric,
+        }
+    }
+}
+
+/// A node: a namespace whose `eth0` is on the fabric.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub subnet: u8,
+    next_pod: std::sync::atomic::AtomicU32,
+}
+
+/// A pod wired to its node by hand, the way the CNI plugin does it: a veth `cali…` in the
+/// node, `eth0` with a /32 in the pod, 169.254.1.1 as the gateway.
+#[derive(Debug)]
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// The host-side veth, in the node's namespace.
+    pub host_iface: String,
+    pub mac: String,
+}
+
+impl Node {
+    /// Makes node `name` on `subnet` (1 or 2) with host number `host` (e.g. 10 → .10).
+    pub fn new(fabric: &Fabric, name: &str, subnet: u8, host: u8) -> Self {
+        let net = if subnet == 1 { SUBNET_1 } else { SUBNET_2 };
+        let ip = Ipv4Addr::new(net[0], net[1], net[2], host);
+        let ns = Netns::new(&format!("{}-{name}", fabric.id));
+        fabric.plug(&ns, "eth0", subnet, ip);
+        let gw = format!("{}.{}.{}.{ROUTER_HOST}", net[0], net[1], net[2]);
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
+        Self {
+            name: name.to_owned(),
+            ns,
+            ip,
+            subnet,
+            next_pod: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// The name the next pod's host veth will get: `cali` + 11 hex digits.
+    pub fn next_workload_iface(&self) -> String {
+        let n = self.next_pod.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("cali{:011x}", (std::process::id() as u64) << 16 | u64::from(n))
+    }
+
+    /// Wires a pod with address `ip` to this node by hand (until the CNI plugin does it).
+    pub fn add_pod(&self, ip: Ipv4Addr) -> Pod {
+        let host_iface = self.next_workload_iface();
+        let ns = Netns::new(&format!("{}-{host_iface}", self.ns.name));
+        self.ns.ip(&[
+            "link", "add", &host_iface, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        let host_mac = self.ns.mac(&host_iface);
+        self.ns.ip(&["link", "set", &host_iface, "up"]);
+        self.ns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface]);
+        self.ns
+            .sysctl(&format!("net.ipv4.conf.{host_iface}.proxy_arp"), "1");
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+        ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        // A permanent neighbour for the gateway: works whether or not the node has a route
+        // covering 169.254.1.1 for proxy ARP, and keeps ARP out of what tests count.
+        ns.ip(&[
+            "neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud",
+            "permanent",
+        ]);
+        let mac = ns.mac("eth0");
+        self.ns.ip(&[
+            "neigh", "replace", &ip.to_string(), "lladdr", &mac, "dev", &host_iface, "nud",
+            "permanent",
+        ]);
+        Pod {
+            ns,
+            ip,
+            host_iface,
+            mac,
+        }
+    }
+}
+
+/// A real etcd server (Debian's `etcd`) in its own namespace on the fabric, data in a temp dir.
+#[derive(Debug)]
+pub struct Etcd {
+    // Field order is drop order: the process first, then its namespace and data.
+    pub process: ChildGuard,
+    pub ns: Netns,
+    pub data_dir: tempfile::TempDir,
+    pub ip: Ipv4Addr,
+}
+
+impl Etcd {
+    pub fn start(fabric: &Fabric) -> Self {
+        let ns = Netns::new(&format!("{}-etcd", fabric.id));
+        fabric.plug(&ns, "eth0", 1, ETCD_IP);
+        let data_dir = tempfile::Builder::new()
+            .prefix("dp-etcd-")
+            .tempdir()
+            .unwrap();
+        let client = format!("http://{ETCD_IP}:2379");
+        let peer = format!("http://{ETCD_IP}:2380");
+        let log = std::fs::File::create(data_dir.path().join("etcd.log")).unwrap();
+        let child = ns
+            .command("etcd")
+            .args(["--name", "etcd0", "--data-dir"])
+            .arg(data_dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("etcd0={peer}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start etcd (run `cargo xtask setup`): {e}"));
+        let etcd = Self {
+            process: ChildGuard::new(child, "etcd"),
+            ns,
+            data_dir,
+            ip: ETCD_IP,
+        };
+        etcd.wait_healthy(Duration::from_secs(20));
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:2379", self.ip)
+    }
+
+    /// Waits until etcd answers `/health` with `"health":"true"`.
+    fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let body = self.ns.run(|| http_get(self.ip, 2379, "/health"));
+            if body.as_deref().is_ok_and(|b| b.contains("\"health\":\"true\"")) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(self.data_dir.path().join("etcd.log")).unwrap_or_default();
+                panic!("etcd not healthy after {timeout:?}: {body:?}\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET over a plain TCP socket, returning the body (sent from whatever
+/// namespace the calling thread is in).
+pub fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
+    http_request(ip, port, "GET", path, "")
+}
+
+/// A minimal HTTP/1.0 request; returns the body.
+pub fn http_request(
+    ip: Ipv4Addr,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {ip}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+/// The path of the `dataplane` binary under test: `$DATAPLANE_BIN`, else the one cargo built
+/// next to this test executable (target/<profile>/dataplane).
+pub fn dataplane_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("DATAPLANE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("dataplane");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "the dataplane binary is not built next to {exe:?}; run `cargo build -p dataplane-user` \
+         (cargo xtask test does) or set DATAPLANE_BIN"
+    );
+}
+
+/// A pin directory on bpffs for one agent, removed on drop (which also detaches anything
+/// still attached through links pinned in it).
+#[derive(Debug)]
+pub struct PinDirGuard {
+    pub path: std::path::PathBuf,
+}
+
+impl PinDirGuard {
+    pub fn new() -> Self {
+        Self {
+            path: std::path::PathBuf::from("/sys/fs/bpf").join(unique("dptest-")),
+        }
+    }
+}
+
+impl Default for PinDirGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: remove {:?}: {e}", self.path),
+        }
+    }
+}
+
+/// A `dataplane agent` running in a node's namespace, stopped on drop.
+#[derive(Debug)]
+pub struct Agent {
+    pub process: ChildGuard,
+    pub log: std::path::PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts an agent for `node` with pins in `pins`; `extra` are more arguments. Does not
+    /// wait for it to be ready (see [`wait_attached`]).
+    pub fn start(node: &Node, pins: &PinDirGuard, etcd: Option<&Etcd>, extra: &[&str]) -> Self {
+        let log_dir = tempfile::Builder::new().prefix("dp-agent-").tempdir().unwrap();
+        let log = log_dir.path().join("agent.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = node.ns.command(dataplane_bin());
+        cmd.args(["agent", "--node", &node.name, "--host-iface", "eth0", "--bpffs-dir"])
+            .arg(&pins.path);
+        if let Some(etcd) = etcd {
+            cmd.args(["--etcd-endpoints", &etcd.endpoint()]);
+        }
+        let child = cmd
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the agent: {e}"));
+        Self {
+            process: ChildGuard::new(child, format!("agent on {}", node.name)),
+            log,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Names of the TCX programs attached to `iface` in `ns`, (ingress, egress).
+pub fn tcx_programs(ns: &Netns, iface: &str) -> (Vec<String>, Vec<String>) {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let iface = iface.to_owned();
+    ns.run(move || {
+        let names = |t| -> Vec<String> {
+            match SchedClassifier::query_tcx(&iface, t) {
+                Ok((_, progs)) => progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        (names(TcAttachType::Ingress), names(TcAttachType::Egress))
+    })
+}
+
+/// Waits until `iface` in `ns` has exactly one program on each TC hook, or panics after
+/// `timeout` with the agent's log.
+pub fn wait_attached(ns: &Netns, iface: &str, agent: &mut Agent, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (ingress, egress) = tcx_programs(ns, iface);
+        if ingress.len() == 1 && egress.len() == 1 {
+            return;
+        }
+        if let Some(status) = agent.process.exited() {
+            panic!("agent exited ({status}) before attaching to {iface}:\n{}", agent.log_text());
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{iface} not attached after {timeout:?} (ingress {ingress:?}, egress {egress:?}):\n{}",
+                agent.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `dataplane ARGS…` in `ns` to completion and returns (exit status, stdout, stderr).
+pub fn dataplane(ns: &Netns, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = crate::netns::output(ns.command(dataplane_bin()).args(args));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a shell-free command in `ns` with a timeout; used for ping and the like.
+pub fn ns_command_ok(ns: &Netns, program: &str, args: &[&str]) -> bool {
+    let status = ns
+        .command(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    status.is_ok_and(|s| s.success())
+}
