@@ -221,6 +221,9 @@ impl Etcd {
     pub fn start(fabric: &Fabric) -> Self {
         let ns = Netns::new(&format!("{}-etcd", fabric.id));
         fabric.plug(&ns, "eth0", 1, ETCD_IP);
+        // Replies to nodes on the second subnet go through the router.
+        let gw = format!("{}.{}.{}.{ROUTER_HOST}", SUBNET_1[0], SUBNET_1[1], SUBNET_1[2]);
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
         let data_dir = tempfile::Builder::new()
             .prefix("dp-etcd-")
             .tempdir()

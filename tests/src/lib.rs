@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod packets;
 
 pub use cluster::{
     Agent, Cluster, Etcd, Fabric, Node, PinDirGuard, Pod, Router, dataplane, dataplane_bin,

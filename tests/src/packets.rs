@@ -1,0 +1,128 @@
+//! Small builders for the byte vectors unit tests feed the programs, and a BPF_PROG_TEST_RUN
+//! wrapper around the embedded object.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use dataplane_common::{CounterKey, Counters, counter, map_names};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The Internet checksum of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet header.
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&ethertype.to_be_bytes());
+    v
+}
+
+/// An IPv4 header (no options) with a correct checksum, for `payload_len` bytes after it.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize, ttl: u8) -> Vec<u8> {
+    let total = (20 + payload_len) as u16;
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0, 1, 0x40, 0, ttl, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// A UDP header and payload (checksum 0: optional over IPv4).
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    v.extend_from_slice(&[0, 0]);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A whole Ethernet/IPv4/UDP frame.
+pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let l4 = udp(40000, 53, payload);
+    let mut f = eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ETH_P_IP);
+    f.extend(ipv4(src, dst, IPPROTO_UDP, l4.len(), 64));
+    f.extend(l4);
+    f
+}
+
+/// The object loaded privately (nothing pinned, nothing attached) for BPF_PROG_TEST_RUN.
+pub struct TestObject {
+    pub ebpf: Ebpf,
+}
+
+/// What one run of a program gave back.
+#[derive(Debug)]
+pub struct RunResult {
+    pub return_value: i32,
+    pub data: Vec<u8>,
+}
+
+impl TestObject {
+    pub fn load() -> Self {
+        let mut ebpf = Ebpf::load(dataplane::EBPF_OBJECT).expect("load the embedded object");
+        for name in ["from_workload", "to_workload", "host_ingress", "host_egress"] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
+        }
+        Self { ebpf }
+    }
+
+    /// Runs `program` once on `packet` and returns its verdict and the packet after it.
+    pub fn run(&self, program: &str, packet: &[u8]) -> RunResult {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("test_run {program}: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        RunResult {
+            return_value: result.return_value as i32,
+            data: out,
+        }
+    }
+
+    /// The counters of (ifindex, hook), summed over CPUs.
+    pub fn counters(&self, ifindex: u32, hook: u8) -> [u64; counter::COUNT] {
+        let map: PerCpuHashMap<&MapData, CounterKey, Counters> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::COUNTERS).unwrap()).unwrap();
+        match map.get(&CounterKey::new(ifindex, hook), 0) {
+            Ok(per_cpu) => {
+                let mut sum = [0u64; counter::COUNT];
+                for c in per_cpu.iter() {
+                    for (s, v) in sum.iter_mut().zip(c.values) {
+                        *s += v;
+                    }
+                }
+                sum
+            }
+            Err(_) => [0; counter::COUNT],
+        }
+    }
+}
