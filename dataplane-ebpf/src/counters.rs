@@ -17,17 +17,17 @@ impl Stats {
         // SAFETY: `skb` is the context pointer the kernel passed to the program.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let key = CounterKey::new(ifindex, hook);
-        if let Some(p) = map.get_ptr_mut(&key) {
+        if let Some(p) = map.get_ptr_mut(key) {
             return Self(Some(p));
         }
         // First packet on this interface and hook: create the entry. Another CPU may win the
         // race (EEXIST); either way the lookup after it finds the entry.
-        match map.insert(&key, &Counters::ZERO, u64::from(BPF_NOEXIST)) {
+        match map.insert(key, Counters::ZERO, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
             Err(e) if e == -EEXIST => {}
             Err(_) => return Self(None),
         }
-        Self(map.get_ptr_mut(&key))
+        Self(map.get_ptr_mut(key))
     }
 
     #[inline(always)]

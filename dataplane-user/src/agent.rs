@@ -104,8 +104,8 @@ impl Attached {
 /// links are pinned), so the dataplane keeps forwarding while the agent restarts.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Check what can be checked before touching anything, so a bad flag leaves no trace.
-    let host_ifindex =
-        ifindex_of(&opts.host_iface).ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
+    let host_ifindex = ifindex_of(&opts.host_iface)
+        .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
     let pins = PinDir::open(&opts.bpffs_dir)?;
     let programs = Programs::load(&pins)?;
     let (links, mut events) = netlink::watch_links().await?;
@@ -124,7 +124,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     let startup = (|| -> Result<(), AttachError> {
         state.on_present(&host)?;
-        for link in links.iter().filter(|l| l.name.starts_with(WORKLOAD_IFACE_PREFIX)) {
+        for link in links
+            .iter()
+            .filter(|l| l.name.starts_with(WORKLOAD_IFACE_PREFIX))
+        {
             state.on_present(link)?;
         }
         Ok(())

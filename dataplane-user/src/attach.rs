@@ -24,28 +24,31 @@ use crate::{EBPF_OBJECT, bpffs::PinDir};
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("load the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("load program {name}: {source}")]
     Program {
         name: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("attach {program} to {iface} {direction}: {source}")]
     Attach {
         program: &'static str,
         iface: String,
         direction: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("pin link {path}: {source}")]
     Pin {
         path: PathBuf,
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("reuse pinned link {path}: {source}")]
-    Reuse { path: PathBuf, source: LinkError },
+    Reuse {
+        path: PathBuf,
+        source: Box<LinkError>,
+    },
     #[error("unpin link {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
 }
@@ -96,7 +99,12 @@ impl Role {
     }
 }
 
-const PROGRAMS: [&str; 4] = ["from_workload", "to_workload", "host_ingress", "host_egress"];
+const PROGRAMS: [&str; 4] = [
+    "from_workload",
+    "to_workload",
+    "host_ingress",
+    "host_egress",
+];
 const PINNED_MAPS: [&str; 1] = [map_names::COUNTERS];
 
 /// The programs of one interface, attached through pinned TCX links.
@@ -139,15 +147,22 @@ impl Programs {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| AttachError::Load(Box::new(e)))?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(AttachError::MissingProgram(name))?
                 .try_into()
-                .map_err(|source| AttachError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| AttachError::Program { name, source })?;
+                .map_err(|source| AttachError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+            prog.load().map_err(|source| AttachError::Program {
+                name,
+                source: Box::new(source),
+            })?;
         }
         Ok(Self {
             ebpf,
@@ -188,7 +203,12 @@ impl Programs {
     /// same interface is updated in place (the old program is replaced atomically, no packet
     /// sees the interface without a program); otherwise a new TCX link is created. Either both
     /// hooks end up attached and pinned, or neither.
-    pub fn attach(&mut self, ifindex: u32, name: &str, role: Role) -> Result<Attachment, AttachError> {
+    pub fn attach(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        role: Role,
+    ) -> Result<Attachment, AttachError> {
         let mut links = Vec::with_capacity(2);
         for hook in role.hooks() {
             match self.attach_hook(ifindex, name, &hook) {
@@ -225,7 +245,7 @@ impl Programs {
             program: hook.program,
             iface: iface.to_owned(),
             direction: hook.direction,
-            source,
+            source: Box::new(source),
         };
         let prog: &mut SchedClassifier = self
             .ebpf
@@ -244,7 +264,7 @@ impl Programs {
                 let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
                     AttachError::Reuse {
                         path: pin_path.clone(),
-                        source,
+                        source: Box::new(source),
                     }
                 })?;
                 prog.attach_to_link(link).map_err(attach_err)?
@@ -260,11 +280,11 @@ impl Programs {
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|source| AttachError::Reuse {
             path: pin_path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let pinned = fd_link.pin(&pin_path).map_err(|source| AttachError::Pin {
             path: pin_path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         Ok((pin_path, pinned))
     }

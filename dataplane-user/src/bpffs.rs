@@ -30,7 +30,10 @@ pub enum BpffsError {
 
 fn fs_magic(path: &Path) -> io::Result<i64> {
     let st = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
-    #[allow(clippy::unnecessary_cast, reason = "the field's type differs between libcs")]
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "the field's type differs between libcs"
+    )]
     Ok(st.filesystem_type().0 as i64)
 }
 

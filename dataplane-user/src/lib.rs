@@ -15,7 +15,8 @@ pub mod netlink;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
 /// `dataplane` is one self-contained file.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-programs"));
 
 /// Default root of the pinned maps and links.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dataplane";

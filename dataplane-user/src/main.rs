@@ -13,7 +13,9 @@ fn main() -> ExitCode {
     // netlink-packet-route warns about every attribute newer than itself; that is noise here.
     let directives = format!("{},netlink_packet_route=error", cli.log_level);
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -37,15 +39,26 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 bpffs_dir: args.bpffs_dir,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(agent::run(opts, shutdown_signal()))?;
+            rt.block_on(async {
+                // Handlers go in before anything is attached, so a SIGTERM at any point after
+                // start-up gives a clean exit rather than the default action.
+                let shutdown = shutdown_signal()?;
+                agent::run(opts, shutdown).await?;
+                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            })?;
         }
         Command::MapDump(args) => {
             let rows = dump::counter_rows(&args.bpffs_dir)?;
             match (args.kind, args.json) {
-                (DumpKind::Counters | DumpKind::All, false) => print!("{}", dump::counters_table(&rows)),
+                (DumpKind::Counters | DumpKind::All, false) => {
+                    print!("{}", dump::counters_table(&rows))
+                }
                 (DumpKind::Counters, true) => println!("{}", serde_json::to_string_pretty(&rows)?),
                 (DumpKind::All, true) => {
-                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "counters": rows }))?)
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({ "counters": rows }))?
+                    )
                 }
             }
         }
@@ -53,16 +66,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT handlers now and returns a future that completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        // Without signal handlers the default action (exit) applies, which is also fine.
-        _ => std::future::pending().await,
-    }
+    })
 }

@@ -13,7 +13,10 @@ pub enum MapsError {
     #[error("open pinned map {path}: {source} (is an agent running with this --bpffs-dir?)")]
     Open { path: String, source: MapError },
     #[error("read map {name}: {source}")]
-    Read { name: &'static str, source: MapError },
+    Read {
+        name: &'static str,
+        source: MapError,
+    },
 }
 
 /// Opens the counters map pinned under the agent root `root`.

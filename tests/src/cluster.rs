@@ -48,7 +48,8 @@ impl Fabric {
     pub fn plug(&self, ns: &Netns, iface: &str, subnet: u8, addr: Ipv4Addr) {
         let port = format!(
             "p{}",
-            self.ports.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            self.ports
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         self.ns.ip(&[
             "link", "add", &port, "type", "veth", "peer", "name", iface, "netns", &ns.name,
@@ -166,8 +167,13 @@ impl Node {
 
     /// The name the next pod's host veth will get: `cali` + 11 hex digits.
     pub fn next_workload_iface(&self) -> String {
-        let n = self.next_pod.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("cali{:011x}", (std::process::id() as u64) << 16 | u64::from(n))
+        let n = self
+            .next_pod
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "cali{:011x}",
+            (std::process::id() as u64) << 16 | u64::from(n)
+        )
     }
 
     /// Wires a pod with address `ip` to this node by hand (until the CNI plugin does it).
@@ -175,7 +181,16 @@ impl Node {
         let host_iface = self.next_workload_iface();
         let ns = Netns::new(&format!("{}-{host_iface}", self.ns.name));
         self.ns.ip(&[
-            "link", "add", &host_iface, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            "link",
+            "add",
+            &host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.name,
         ]);
         let host_mac = self.ns.mac(&host_iface);
         self.ns.ip(&["link", "set", &host_iface, "up"]);
@@ -185,17 +200,47 @@ impl Node {
             .sysctl(&format!("net.ipv4.conf.{host_iface}.proxy_arp"), "1");
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-        ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
         // A permanent neighbour for the gateway: works whether or not the node has a route
         // covering 169.254.1.1 for proxy ARP, and keeps ARP out of what tests count.
         ns.ip(&[
-            "neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud",
+            "neigh",
+            "replace",
+            "169.254.1.1",
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
             "permanent",
         ]);
         let mac = ns.mac("eth0");
         self.ns.ip(&[
-            "neigh", "replace", &ip.to_string(), "lladdr", &mac, "dev", &host_iface, "nud",
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            &host_iface,
+            "nud",
             "permanent",
         ]);
         Pod {
@@ -222,7 +267,10 @@ impl Etcd {
         let ns = Netns::new(&format!("{}-etcd", fabric.id));
         fabric.plug(&ns, "eth0", 1, ETCD_IP);
         // Replies to nodes on the second subnet go through the router.
-        let gw = format!("{}.{}.{}.{ROUTER_HOST}", SUBNET_1[0], SUBNET_1[1], SUBNET_1[2]);
+        let gw = format!(
+            "{}.{}.{}.{ROUTER_HOST}",
+            SUBNET_1[0], SUBNET_1[1], SUBNET_1[2]
+        );
         ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"]);
         let data_dir = tempfile::Builder::new()
             .prefix("dp-etcd-")
@@ -271,12 +319,15 @@ impl Etcd {
         let deadline = Instant::now() + timeout;
         loop {
             let body = self.ns.run(|| http_get(self.ip, 2379, "/health"));
-            if body.as_deref().is_ok_and(|b| b.contains("\"health\":\"true\"")) {
+            if body
+                .as_deref()
+                .is_ok_and(|b| b.contains("\"health\":\"true\""))
+            {
                 return;
             }
             if Instant::now() > deadline {
-                let log =
-                    std::fs::read_to_string(self.data_dir.path().join("etcd.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(self.data_dir.path().join("etcd.log"))
+                    .unwrap_or_default();
                 panic!("etcd not healthy after {timeout:?}: {body:?}\n{log}");
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -376,12 +427,22 @@ impl Agent {
     /// Starts an agent for `node` with pins in `pins`; `extra` are more arguments. Does not
     /// wait for it to be ready (see [`wait_attached`]).
     pub fn start(node: &Node, pins: &PinDirGuard, etcd: Option<&Etcd>, extra: &[&str]) -> Self {
-        let log_dir = tempfile::Builder::new().prefix("dp-agent-").tempdir().unwrap();
+        let log_dir = tempfile::Builder::new()
+            .prefix("dp-agent-")
+            .tempdir()
+            .unwrap();
         let log = log_dir.path().join("agent.log");
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = node.ns.command(dataplane_bin());
-        cmd.args(["agent", "--node", &node.name, "--host-iface", "eth0", "--bpffs-dir"])
-            .arg(&pins.path);
+        cmd.args([
+            "agent",
+            "--node",
+            &node.name,
+            "--host-iface",
+            "eth0",
+            "--bpffs-dir",
+        ])
+        .arg(&pins.path);
         if let Some(etcd) = etcd {
             cmd.args(["--etcd-endpoints", &etcd.endpoint()]);
         }
@@ -432,7 +493,10 @@ pub fn wait_attached(ns: &Netns, iface: &str, agent: &mut Agent, timeout: Durati
             return;
         }
         if let Some(status) = agent.process.exited() {
-            panic!("agent exited ({status}) before attaching to {iface}:\n{}", agent.log_text());
+            panic!(
+                "agent exited ({status}) before attaching to {iface}:\n{}",
+                agent.log_text()
+            );
         }
         if Instant::now() > deadline {
             panic!(

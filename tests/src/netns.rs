@@ -129,7 +129,9 @@ impl Netns {
     pub fn ifindex(&self, iface: &str) -> u32 {
         let json = self.ip(&["-j", "link", "show", "dev", iface]);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        v[0]["ifindex"].as_u64().unwrap_or_else(|| panic!("no ifindex for {iface}: {json}")) as u32
+        v[0]["ifindex"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no ifindex for {iface}: {json}")) as u32
     }
 
     /// The MAC address of `iface` in this namespace.
@@ -184,7 +186,9 @@ impl ChildGuard {
 
     /// Whether the process has exited (reaping it if so).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends SIGTERM and waits up to `grace` before SIGKILL. Returns the exit status.

@@ -83,7 +83,12 @@ pub struct RunResult {
 impl TestObject {
     pub fn load() -> Self {
         let mut ebpf = Ebpf::load(dataplane::EBPF_OBJECT).expect("load the embedded object");
-        for name in ["from_workload", "to_workload", "host_ingress", "host_egress"] {
+        for name in [
+            "from_workload",
+            "to_workload",
+            "host_ingress",
+            "host_egress",
+        ] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             prog.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
         }

@@ -77,19 +77,37 @@ fn root_udp_datagrams_are_counted_on_the_right_interface_and_direction() {
         (eth0, hook::HOST_INGRESS),
         (eth0, hook::HOST_EGRESS),
     ];
-    let before: Vec<_> = watched.iter().map(|&(i, h)| counters(&pins, i, h)).collect();
+    let before: Vec<_> = watched
+        .iter()
+        .map(|&(i, h)| counters(&pins, i, h))
+        .collect();
     const N: u32 = 500;
     const PAYLOAD: usize = 100;
-    assert_eq!(send_udp(&a, &b, N, PAYLOAD), N, "every datagram should arrive");
-    let after: Vec<_> = watched.iter().map(|&(i, h)| counters(&pins, i, h)).collect();
+    assert_eq!(
+        send_udp(&a, &b, N, PAYLOAD),
+        N,
+        "every datagram should arrive"
+    );
+    let after: Vec<_> = watched
+        .iter()
+        .map(|&(i, h)| counters(&pins, i, h))
+        .collect();
 
     let delta = |k: usize, slot: usize| after[k][slot] - before[k][slot];
     let frame = (14 + 20 + 8 + PAYLOAD) as u64;
     // Pod a sends: ingress of its veth. Pod b receives: egress of its veth.
-    assert_eq!(delta(0, counter::PACKETS), u64::from(N), "from-workload on a's veth");
+    assert_eq!(
+        delta(0, counter::PACKETS),
+        u64::from(N),
+        "from-workload on a's veth"
+    );
     assert_eq!(delta(0, counter::BYTES), u64::from(N) * frame);
     assert_eq!(delta(0, counter::PASSED), u64::from(N));
-    assert_eq!(delta(3, counter::PACKETS), u64::from(N), "to-workload on b's veth");
+    assert_eq!(
+        delta(3, counter::PACKETS),
+        u64::from(N),
+        "to-workload on b's veth"
+    );
     assert_eq!(delta(3, counter::BYTES), u64::from(N) * frame);
     // Nothing on the wrong interface or direction.
     for (k, what) in [
@@ -103,8 +121,10 @@ fn root_udp_datagrams_are_counted_on_the_right_interface_and_direction() {
 
     // The same figures through the CLI's JSON.
     let pin_dir = pins.path.display().to_string();
-    let (status, out, err) =
-        dataplane(&node.ns, &["map-dump", "counters", "--json", "--bpffs-dir", &pin_dir]);
+    let (status, out, err) = dataplane(
+        &node.ns,
+        &["map-dump", "counters", "--json", "--bpffs-dir", &pin_dir],
+    );
     assert!(status.success(), "{err}");
     let rows: Vec<dataplane::dump::CounterRow> = serde_json::from_str(&out).unwrap();
     let row = rows
@@ -127,14 +147,25 @@ fn root_interface_created_after_start_is_attached_and_detached_when_gone() {
     let pod = node.add_pod(Ipv4Addr::new(10, 65, 0, 9));
     wait_attached(&node.ns, &pod.host_iface, &mut agent, ATTACH_TIMEOUT);
     let (ingress, egress) = tcx_programs(&node.ns, &pod.host_iface);
-    assert_eq!((ingress, egress), (vec!["from_workload".to_owned()], vec!["to_workload".to_owned()]));
+    assert_eq!(
+        (ingress, egress),
+        (
+            vec!["from_workload".to_owned()],
+            vec!["to_workload".to_owned()]
+        )
+    );
     let ifindex = node.ns.ifindex(&pod.host_iface);
     let host_iface = pod.host_iface.clone();
-    let pin = |dir: &str| pins.path.join(format!("links/{ifindex}-{host_iface}-{dir}"));
+    let pin = |dir: &str| {
+        pins.path
+            .join(format!("links/{ifindex}-{host_iface}-{dir}"))
+    };
     assert!(pin("ingress").exists() && pin("egress").exists());
 
     // An interface that is not a pod's gets nothing.
-    node.ns.ip(&["link", "add", "other0", "type", "veth", "peer", "name", "other1"]);
+    node.ns.ip(&[
+        "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(tcx_programs(&node.ns, "other0"), (vec![], vec![]));
 
@@ -149,7 +180,11 @@ fn root_interface_created_after_start_is_attached_and_detached_when_gone() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(agent.process.exited().is_none(), "agent died:\n{}", agent.log_text());
+    assert!(
+        agent.process.exited().is_none(),
+        "agent died:\n{}",
+        agent.log_text()
+    );
 }
 
 #[test]
@@ -162,7 +197,11 @@ fn root_restarted_agent_takes_over_its_pinned_links_without_duplicates() {
     let mut agent = Agent::start(node, &pins, None, &[]);
     wait_attached(&node.ns, &pod.host_iface, &mut agent, ATTACH_TIMEOUT);
     let status = agent.process.stop(Duration::from_secs(5)).unwrap();
-    assert!(status.success(), "agent exit on SIGTERM: {status}\n{}", agent.log_text());
+    assert!(
+        status.success(),
+        "agent exit on SIGTERM: {status}\n{}",
+        agent.log_text()
+    );
     // Stopped agent: the programs stay in force.
     assert_eq!(tcx_programs(&node.ns, &pod.host_iface).0.len(), 1);
     assert_eq!(tcx_programs(&node.ns, "eth0").0.len(), 1);
@@ -172,7 +211,11 @@ fn root_restarted_agent_takes_over_its_pinned_links_without_duplicates() {
     std::thread::sleep(Duration::from_millis(300));
     for iface in ["eth0", pod.host_iface.as_str()] {
         let (ingress, egress) = tcx_programs(&node.ns, iface);
-        assert_eq!((ingress.len(), egress.len()), (1, 1), "{iface}: {ingress:?} {egress:?}");
+        assert_eq!(
+            (ingress.len(), egress.len()),
+            (1, 1),
+            "{iface}: {ingress:?} {egress:?}"
+        );
     }
 }
 
@@ -184,12 +227,19 @@ fn failing_agent(node: &dataplane_tests::Node, args: &[&str]) -> String {
     assert!(!status.success(), "agent {args:?} should fail");
     let err = err.trim();
     let last = err.lines().last().unwrap_or("");
-    assert!(last.starts_with("error: "), "one-line error expected, got: {err}");
+    assert!(
+        last.starts_with("error: "),
+        "one-line error expected, got: {err}"
+    );
     last.to_owned()
 }
 
 fn assert_nothing_attached(node: &dataplane_tests::Node, iface: &str) {
-    assert_eq!(tcx_programs(&node.ns, iface), (vec![], vec![]), "{iface} has programs");
+    assert_eq!(
+        tcx_programs(&node.ns, iface),
+        (vec![], vec![]),
+        "{iface} has programs"
+    );
 }
 
 #[test]
@@ -203,7 +253,10 @@ fn root_bad_input_gives_a_one_line_error_and_leaves_nothing_attached() {
     let dir = pins.path.display().to_string();
     let err = failing_agent(node, &["--host-iface", "eth9", "--bpffs-dir", &dir]);
     assert!(err.contains("eth9") && err.contains("not found"), "{err}");
-    assert!(!pins.path.exists(), "a failed start must not create the pin dir");
+    assert!(
+        !pins.path.exists(),
+        "a failed start must not create the pin dir"
+    );
 
     let not_bpffs = tempfile::tempdir().unwrap();
     let dir_tmp = not_bpffs.path().join("pins").display().to_string();
@@ -224,7 +277,11 @@ fn root_bad_input_gives_a_one_line_error_and_leaves_nothing_attached() {
         let (ingress, egress) = tcx_programs(&node.ns, iface);
         assert_eq!((ingress.len(), egress.len()), (1, 1), "{iface}");
     }
-    assert!(first.process.exited().is_none(), "first agent died:\n{}", first.log_text());
+    assert!(
+        first.process.exited().is_none(),
+        "first agent died:\n{}",
+        first.log_text()
+    );
 
     // Unknown flags are refused by the parser with a usage error.
     let (status, _, err) = dataplane(&node.ns, &["agent", "--node", "n", "--bogus"]);

@@ -9,7 +9,11 @@ fn b64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -37,15 +41,22 @@ fn root_etcd_on_the_fabric_serves_nodes_on_both_subnets() {
         node.ns.run(|| {
             let put = format!(r#"{{"key":"{key}","value":"{value}"}}"#);
             http_request(etcd.ip, 2379, "POST", "/v3/kv/put", &put).unwrap();
-            let got = http_request(etcd.ip, 2379, "POST", "/v3/kv/range", &format!(r#"{{"key":"{key}"}}"#))
-                .unwrap();
+            let got = http_request(
+                etcd.ip,
+                2379,
+                "POST",
+                "/v3/kv/range",
+                &format!(r#"{{"key":"{key}"}}"#),
+            )
+            .unwrap();
             assert!(got.contains(&value), "{} read back {got}", node.name);
         });
     }
     // Cross-subnet: node-1 (192.168.1.10) reaches node-2 (192.168.2.10) through the router.
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     assert_eq!(n2.ip, Ipv4Addr::new(192, 168, 2, 10));
-    n1.ns.exec("ping", &["-c", "1", "-W", "2", &n2.ip.to_string()]);
+    n1.ns
+        .exec("ping", &["-c", "1", "-W", "2", &n2.ip.to_string()]);
 }
 
 #[test]
@@ -62,6 +73,10 @@ fn root_guards_remove_every_namespace_even_when_the_test_panics() {
     assert!(result.is_err());
     let id = id.into_inner().unwrap();
     assert!(!id.is_empty());
-    let left: Vec<_> = netns_names().lines().filter(|l| l.contains(&id)).map(str::to_owned).collect();
+    let left: Vec<_> = netns_names()
+        .lines()
+        .filter(|l| l.contains(&id))
+        .map(str::to_owned)
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }

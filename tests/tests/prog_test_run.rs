@@ -23,7 +23,11 @@ fn all_hooks() -> [(&'static str, u8); 4] {
 fn root_every_program_passes_and_counts_an_ipv4_udp_packet_untouched() {
     require_root();
     let obj = TestObject::load();
-    let pkt = udp_frame(Ipv4Addr::new(10, 65, 0, 2), Ipv4Addr::new(10, 65, 0, 3), b"hello");
+    let pkt = udp_frame(
+        Ipv4Addr::new(10, 65, 0, 2),
+        Ipv4Addr::new(10, 65, 0, 3),
+        b"hello",
+    );
     for (program, h) in all_hooks() {
         for round in 1..=3u64 {
             let r = obj.run(program, &pkt);
@@ -31,7 +35,11 @@ fn root_every_program_passes_and_counts_an_ipv4_udp_packet_untouched() {
             assert_eq!(r.data, pkt, "{program} must not change the packet");
             let c = obj.counters(TEST_RUN_IFINDEX, h);
             assert_eq!(c[counter::PACKETS], round, "{program} packets");
-            assert_eq!(c[counter::BYTES], round * pkt.len() as u64, "{program} bytes");
+            assert_eq!(
+                c[counter::BYTES],
+                round * pkt.len() as u64,
+                "{program} bytes"
+            );
             assert_eq!(c[counter::PASSED], round, "{program} passed");
         }
     }
@@ -57,7 +65,10 @@ fn root_frames_shorter_than_their_headers_claim_are_handled() {
         let r = obj.run("from_workload", pkt);
         assert_eq!(r.return_value, TC_ACT_OK);
     }
-    assert_eq!(obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD)[counter::PACKETS], 2);
+    assert_eq!(
+        obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD)[counter::PACKETS],
+        2
+    );
 }
 
 #[test]
@@ -67,5 +78,13 @@ fn root_programs_are_tc_classifiers_for_the_right_hooks() {
     let obj = TestObject::load();
     let mut names: Vec<_> = obj.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     names.sort();
-    assert_eq!(names, ["from_workload", "host_egress", "host_ingress", "to_workload"]);
+    assert_eq!(
+        names,
+        [
+            "from_workload",
+            "host_egress",
+            "host_ingress",
+            "to_workload"
+        ]
+    );
 }

@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask <command>`: the workspace's developer tasks. Each command lives in its own module;
+//! every child process is built by `util::cmd`.
+
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks of the dataplane workspace",
+    long_about = "Developer tasks of the dataplane workspace. Every command prints each command \
+                  it runs (`==> …`) and fails with a one-line error naming the step that failed."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks: nightly + rust-src, bpf-linker, Debian packages.
+    ///
+    /// Idempotent: each item is checked first and prints "ok: X already present" or
+    /// "installing X". Checks the nightly toolchain (installs it if possible), its rust-src and
+    /// clippy components, the libLLVM.so symlink in its sysroot, bpf-linker (built against the
+    /// nightly's own LLVM), and the Debian packages the tests use (etcd, iproute2, iptables,
+    /// ipset, iperf3, bpftool, tcpdump, CNI plugins, protoc, procps).
+    Setup,
+    /// Run setup, lints, build, all tests and a benchmark smoke run, then print a summary (root).
+    ///
+    /// Steps: setup; `cargo fmt --check`; clippy on the workspace and (nightly, bpfel target) on
+    /// the eBPF crate, with warnings denied; `cargo build --workspace --all-targets`;
+    /// `cargo test --workspace --no-fail-fast`; `cargo run --release -p dataplane-benches --
+    /// --quick`. Every step runs even after a failure; the summary lists each step's duration
+    /// and PASS/FAIL, and the exit status is non-zero if any step failed. Must run as root.
+    Test(test::Args),
+    /// Run setup, build the workspace and run the demo: a cluster in a box (root).
+    ///
+    /// Runs `cargo build --workspace`, then `cargo run -p dataplane-tests --bin demo`.
+    /// Must run as root.
+    Demo(demo::Args),
+    /// Run setup, then the benchmarks in release mode (root).
+    ///
+    /// Runs `cargo run --release -p dataplane-benches -- <BENCH_ARGS>`. Must run as root.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run_setup(),
+        Command::Test(args) => test::run_test(args),
+        Command::Demo(args) => demo::run_demo(args),
+        Command::Bench(args) => bench::run_bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

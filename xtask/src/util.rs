@@ -23,7 +23,12 @@ const REMOVED_VARS: &[&str] = &[
     "CARGO",
     "CARGO_PRIMARY_PACKAGE",
 ];
-const REMOVED_PREFIXES: &[&str] = &["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_BIN_", "CARGO_CRATE_"];
+const REMOVED_PREFIXES: &[&str] = &[
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_BIN_",
+    "CARGO_CRATE_",
+];
 
 /// The workspace root: xtask lives directly in it.
 pub fn workspace_root() -> &'static Path {
@@ -112,9 +117,10 @@ pub fn probe(command: &mut Command) -> Option<Output> {
 pub fn which(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 pub fn is_root() -> bool {

@@ -15,7 +15,11 @@ fn main() {
     let cluster = Cluster::new(&[1], true);
     let node = &cluster.nodes[0];
     let etcd = cluster.etcd.as_ref().expect("the demo starts etcd");
-    println!("    etcd at {} (namespace {})", etcd.endpoint(), etcd.ns.name);
+    println!(
+        "    etcd at {} (namespace {})",
+        etcd.endpoint(),
+        etcd.ns.name
+    );
     println!("    node-1 at {} (namespace {})", node.ip, node.ns.name);
 
     step("wiring two pods to node-1");
@@ -34,9 +38,8 @@ fn main() {
     }
 
     step("sending 100 UDP datagrams pod-a → pod-b and 3 pings pod-b → pod-a");
-    let server = b
-        .ns
-        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap());
+    let server =
+        b.ns.run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap());
     server
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -52,12 +55,16 @@ fn main() {
         got += 1;
     }
     println!("    pod-b received {got}/100 datagrams");
-    let ping = b.ns.exec("ping", &["-c", "3", "-i", "0.2", "-W", "1", &a.ip.to_string()]);
+    let ping = b.ns.exec(
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "1", &a.ip.to_string()],
+    );
     println!("    {}", ping.lines().rev().nth(1).unwrap_or("").trim());
 
     step("dataplane map-dump counters (run in node-1's namespace)");
     let pin_dir = pins.path.display().to_string();
-    let (status, out, err) = dataplane(&node.ns, &["map-dump", "counters", "--bpffs-dir", &pin_dir]);
+    let (status, out, err) =
+        dataplane(&node.ns, &["map-dump", "counters", "--bpffs-dir", &pin_dir]);
     assert!(status.success(), "map-dump failed: {err}");
     print!("{out}");
 
