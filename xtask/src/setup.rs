@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "containernetworking-plugins",
     "protobuf-compiler",
+    "libprotobuf-dev",
     "procps",
     "iputils-ping",
 ];
@@ -195,4 +196,38 @@ fn debian_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("lib")).unwrap();
+        fs::write(dir.join("lib/libLLVM.so.22.1-rust-1.97.0-nightly"), b"").unwrap();
+        fs::write(dir.join("lib/libLLVM-22-rust-1.97.0-nightly.so"), b"").unwrap();
+        dir
+    }
+
+    #[test]
+    fn libllvm_symlink_created_when_missing_and_fixed_when_dangling() {
+        let sysroot = scratch("libllvm");
+        let link = sysroot.join("lib/libLLVM.so");
+        let expected = Path::new("libLLVM.so.22.1-rust-1.97.0-nightly");
+
+        libllvm_symlink(&sysroot).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), expected);
+
+        fs::remove_file(&link).unwrap();
+        symlink("libLLVM.so.21.1-rust-1.96.0-nightly", &link).unwrap();
+        libllvm_symlink(&sysroot).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), expected);
+
+        // Present and resolving: left alone.
+        libllvm_symlink(&sysroot).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap(), expected);
+        fs::remove_dir_all(&sysroot).unwrap();
+    }
 }

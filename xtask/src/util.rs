@@ -149,3 +149,38 @@ pub fn format_duration(d: Duration) -> String {
         format!("{}m{:02}s", whole / 60, whole % 60)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmd_removes_the_variables_of_cargo_run() {
+        // `cargo test` sets the same package variables as `cargo run`.
+        let command = cmd("true");
+        let removed: Vec<String> = command
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for (key, _) in env::vars() {
+            let must_go = REMOVED_VARS.contains(&key.as_str())
+                || REMOVED_PREFIXES.iter().any(|p| key.starts_with(p));
+            assert_eq!(removed.contains(&key), must_go, "{key}");
+        }
+        assert!(removed.iter().any(|k| k == "CARGO_MANIFEST_DIR"));
+        assert_eq!(command.get_current_dir(), Some(workspace_root()));
+    }
+
+    #[test]
+    fn display_quotes_like_a_shell() {
+        let mut command = Command::new("cargo");
+        command
+            .env("LLVM_PREFIX", "/a b")
+            .args(["+nightly", "-f=${Status}", "it's"]);
+        assert_eq!(
+            display(&command),
+            r#"LLVM_PREFIX='/a b' cargo +nightly '-f=${Status}' 'it'\''s'"#
+        );
+    }
+}
