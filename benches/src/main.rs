@@ -1,9 +1,17 @@
-//! `cargo xtask bench`: measurements of the dataplane on a cluster in a box. For now: how long
-//! after a pod's veth appears the agent has its programs attached.
+//! `cargo xtask bench`: measurements of the dataplane on a cluster in a box: how long after a
+//! pod's veth appears the agent has its programs attached, and CNI ADD/DEL latency next to the
+//! reference plugins.
 
 mod attach;
+mod cni;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    Attach,
+    Cni,
+}
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
 #[derive(Debug, Parser)]
@@ -12,20 +20,41 @@ struct Args {
     /// not their values).
     #[arg(long)]
     quick: bool,
+    /// Which benches to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Bench>,
     /// Interfaces to create for the attach-latency bench (default 50, or 10 with --quick).
     #[arg(long)]
     interfaces: Option<usize>,
+    /// Pods per round for the CNI bench (default 100, or 20 with --quick).
+    #[arg(long)]
+    pods: Option<usize>,
+    /// Rounds of the CNI bench, plugins interleaved in each (default 3, or 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+}
+
+fn write_report(name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     dataplane_tests::require_root();
-    let n = args.interfaces.unwrap_or(if args.quick { 10 } else { 50 });
-    let report = attach::run(n)?;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("attach-latency.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("wrote {}", path.display());
+    let wants = |b| args.only.is_empty() || args.only.contains(&b);
+    if wants(Bench::Attach) {
+        let n = args.interfaces.unwrap_or(if args.quick { 10 } else { 50 });
+        write_report("attach-latency", &attach::run(n)?)?;
+    }
+    if wants(Bench::Cni) {
+        let pods = args.pods.unwrap_or(if args.quick { 20 } else { 100 });
+        let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
+        write_report("cni-latency", &cni::run(pods, 20, rounds)?)?;
+    }
     Ok(())
 }

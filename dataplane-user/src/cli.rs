@@ -46,6 +46,80 @@ pub enum Command {
     ///   dataplane map-dump counters
     ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
     MapDump(MapDumpArgs),
+    /// Manage resources in etcd (IP pools, nodes) and inspect IPAM.
+    ///
+    /// Examples:
+    ///   dataplane ctl --etcd-endpoints http://10.0.0.5:2379 apply -f pool.yaml
+    ///   dataplane ctl get ippools -o json
+    ///   dataplane ctl delete node node-3
+    ///   dataplane ctl ipam show
+    Ctl(CtlArgs),
+}
+
+/// How to reach etcd (shared by the commands that talk to it).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated (e.g. http://10.0.0.5:2379).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate to verify etcd's server certificate (TLS).
+    #[arg(long, env = "ETCD_CA_CERT_FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Create or replace the resources in a file (`-` for stdin): projectcalico.org/v3 IPPool
+    /// and Node, or a v1 ipPool. Every document is validated before anything is written.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// Print resources of a kind (ippool, node), or one by name.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
+        output: OutputFormat,
+    },
+    /// Delete one resource.
+    Delete { kind: String, name: String },
+    /// IPAM state.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IpamCommand {
+    /// Every allocation block: its affinity, addresses used and free, handles.
+    Show,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -9,7 +9,11 @@ pub mod agent;
 pub mod attach;
 pub mod bpffs;
 pub mod cli;
+pub mod cni;
+pub mod ctl;
+pub mod datastore;
 pub mod dump;
+pub mod ipam;
 pub mod maps;
 pub mod netlink;
 

@@ -3,12 +3,33 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use dataplane::{
     agent::{self, AgentOptions},
-    cli::{Cli, Command, DumpKind, LogFormat},
+    cli::{Cli, Command, CtlCommand, DumpKind, EtcdArgs, IpamCommand, LogFormat, OutputFormat},
+    ctl,
+    datastore::{Datastore, EtcdConfig},
     dump, error_chain,
 };
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // CNI mode: the runtime execs us as a plugin (CNI_COMMAND set), or as `dataplane-ipam`
+    // (a link to this binary) for IPAM. Logs go to stderr; stdout is the protocol's.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let is_ipam = std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == dataplane::cni::OUR_IPAM);
+    if is_ipam || std::env::var_os("CNI_COMMAND").is_some() {
+        let level = std::env::var("DATAPLANE_LOG").unwrap_or_else(|_| "warn".to_owned());
+        tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("warn")))
+            .with_writer(std::io::stderr)
+            .init();
+        let kind = if is_ipam {
+            dataplane::cni::PluginKind::Ipam
+        } else {
+            dataplane::cni::PluginKind::Main
+        };
+        return dataplane::cni::main(kind);
+    }
     let cli = Cli::parse();
     // netlink-packet-route warns about every attribute newer than itself; that is noise here.
     let directives = format!("{},netlink_packet_route=error", cli.log_level);
@@ -47,6 +68,12 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
             })?;
         }
+        Command::Ctl(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_ctl(&args.etcd, args.command))?;
+        }
         Command::MapDump(args) => {
             let rows = dump::counter_rows(&args.bpffs_dir)?;
             match (args.kind, args.json) {
@@ -62,6 +89,47 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn etcd_config(args: &EtcdArgs) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        ca_file: args.etcd_ca.clone(),
+        cert_file: args.etcd_cert.clone(),
+        key_file: args.etcd_key.clone(),
+        timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+async fn run_ctl(
+    etcd: &EtcdArgs,
+    command: CtlCommand,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Parse input before connecting, so a bad file fails without touching etcd.
+    let manifests = match &command {
+        CtlCommand::Apply { file } => ctl::read_manifests(file)?,
+        _ => Vec::new(),
+    };
+    let ds = Datastore::connect(&etcd_config(etcd)).await?;
+    match command {
+        CtlCommand::Apply { .. } => {
+            for line in ctl::apply(&ds, &manifests).await? {
+                println!("{line}");
+            }
+        }
+        CtlCommand::Get { kind, name, output } => {
+            let items = ctl::get(&ds, &kind, name.as_deref()).await?;
+            print!("{}", ctl::format(&items, output == OutputFormat::Json)?);
+            if output == OutputFormat::Json {
+                println!();
+            }
+        }
+        CtlCommand::Delete { kind, name } => println!("{}", ctl::delete(&ds, &kind, &name).await?),
+        CtlCommand::Ipam {
+            command: IpamCommand::Show,
+        } => print!("{}", ctl::ipam_show(&ds).await?),
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! machine so tests run in parallel. Needs root.
 
 pub mod cluster;
+pub mod cni;
 pub mod netns;
 pub mod packets;
 

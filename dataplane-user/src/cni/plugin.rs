@@ -1,0 +1,590 @@
+//! What each CNI command does: IPAM (ours in-process, or delegated), the pod's wiring, and its
+//! WorkloadEndpoint in etcd, with everything undone when a step fails part-way.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{
+    OUR_IPAM, PluginKind, delegate,
+    netsetup::{self, GATEWAY, NetError},
+    types::{CniError, CniResult, Env, Interface, IpConfig, NetConf, Route, code},
+};
+use crate::{
+    datastore::{self, Datastore, DatastoreError, EtcdConfig},
+    ipam::{AssignRequest, Ipam, IpamConfig, IpamError},
+};
+
+/// Default MTU of a pod's interface: room for the 20-byte outer IPv4 header of IP-in-IP.
+pub const DEFAULT_MTU: u32 = 1480;
+/// Where the node name is read from when the config has none (written by install-cni).
+pub const NODENAME_FILE: &str = "/var/lib/dataplane/nodename";
+
+pub(super) async fn run(
+    kind: PluginKind,
+    env: &Env,
+    conf: &NetConf,
+    raw: &[u8],
+) -> Result<Option<String>, CniError> {
+    let cx = Context {
+        kind,
+        env,
+        conf,
+        raw,
+    };
+    match env.command.as_str() {
+        "ADD" => cx.add().await.map(Some),
+        "DEL" => cx.del().await.map(|()| None),
+        "CHECK" => cx.check().await.map(|()| None),
+        "STATUS" => cx.status().await.map(|()| None),
+        "GC" => cx.gc().await.map(|()| None),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND {other:?}"),
+        )),
+    }
+}
+
+struct Context<'a> {
+    kind: PluginKind,
+    env: &'a Env,
+    conf: &'a NetConf,
+    raw: &'a [u8],
+}
+
+fn ds_err(what: &str) -> impl FnOnce(DatastoreError) -> CniError + '_ {
+    move |e| {
+        let c = if e.is_unavailable() {
+            code::TRY_AGAIN
+        } else {
+            code::DATASTORE
+        };
+        CniError::new(c, what.to_owned()).details(crate::error_chain(&e))
+    }
+}
+
+fn ipam_err(what: &str) -> impl FnOnce(IpamError) -> CniError + '_ {
+    move |e| {
+        let c = if e.is_exhausted() {
+            code::IPAM_EXHAUSTED
+        } else if e.is_unavailable() {
+            code::TRY_AGAIN
+        } else {
+            code::DATASTORE
+        };
+        CniError::new(c, what.to_owned()).details(crate::error_chain(&e))
+    }
+}
+
+fn net_err(what: &str) -> impl FnOnce(NetError) -> CniError + '_ {
+    move |e| CniError::new(code::INTERNAL, what.to_owned()).details(crate::error_chain(&e))
+}
+
+impl Context<'_> {
+    fn node(&self) -> String {
+        if let Some(n) = self.conf.nodename.as_deref().filter(|n| !n.is_empty()) {
+            return n.to_owned();
+        }
+        if let Ok(n) = std::fs::read_to_string(NODENAME_FILE) {
+            let n = n.trim();
+            if !n.is_empty() {
+                return n.to_owned();
+            }
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    }
+
+    fn ipam_type(&self) -> Result<String, CniError> {
+        self.conf
+            .ipam
+            .as_ref()
+            .and_then(|i| i.get("type"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "ipam.type is required"))
+    }
+
+    fn ours(&self) -> Result<bool, CniError> {
+        Ok(self.kind == PluginKind::Ipam || self.ipam_type()? == OUR_IPAM)
+    }
+
+    fn handle_id(&self) -> String {
+        format!("k8s-pod-network.{}", self.env.container_id)
+    }
+
+    fn host_veth(&self) -> String {
+        netsetup::host_veth_name(self.env.pod(), &self.env.container_id)
+    }
+
+    fn etcd_config(&self) -> Result<EtcdConfig, CniError> {
+        let endpoints: Vec<String> = self
+            .conf
+            .etcd_endpoints
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "etcd_endpoints is required",
+            ));
+        }
+        let file = |f: &Option<String>| f.as_deref().filter(|s| !s.is_empty()).map(Into::into);
+        Ok(EtcdConfig {
+            endpoints,
+            ca_file: file(&self.conf.etcd_ca_cert_file),
+            cert_file: file(&self.conf.etcd_cert_file),
+            key_file: file(&self.conf.etcd_key_file),
+            timeout: Duration::from_secs(5),
+        })
+    }
+
+    async fn datastore(&self) -> Result<Datastore, CniError> {
+        let cfg = self.etcd_config()?;
+        Datastore::connect(&cfg)
+            .await
+            .map_err(ds_err("connect to etcd"))
+    }
+
+    fn netns_must_exist(&self) -> Result<(), CniError> {
+        if Path::new(&self.env.netns).exists() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_NETNS {} does not exist", self.env.netns),
+            ))
+        }
+    }
+
+    fn pool_options(&self) -> datastore::DefaultPoolOptions {
+        let mut opts = datastore::DefaultPoolOptions::default();
+        // The seed's pool options under ipam: {"ipip": {"enabled": …, "mode": …},
+        // "nat-outgoing": …, "cidr": …, "blockSize": …}.
+        if let Some(ipam) = &self.conf.ipam {
+            if let Some(cidr) = ipam.get("cidr").and_then(|v| v.as_str())
+                && let Ok(net) = cidr.parse()
+            {
+                opts.cidr = net;
+            }
+            if let Some(b) = ipam.get("blockSize").and_then(|v| v.as_u64()) {
+                opts.block_size = b as u8;
+            }
+            if let Some(ipip) = ipam.get("ipip") {
+                let enabled = ipip
+                    .get("enabled")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true);
+                let mode = ipip
+                    .get("mode")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("always");
+                opts.ipip_mode = match (enabled, mode.to_ascii_lowercase().as_str()) {
+                    (false, _) => datastore::IpipMode::Never,
+                    (true, "cross-subnet" | "crosssubnet") => datastore::IpipMode::CrossSubnet,
+                    (true, _) => datastore::IpipMode::Always,
+                };
+            }
+            if let Some(nat) = ipam.get("nat-outgoing").and_then(|v| v.as_bool()) {
+                opts.nat_outgoing = nat;
+            }
+        }
+        opts
+    }
+
+    /// Assigns the pod's address: ours in-process, or through the delegate.
+    async fn assign(&self, ds: &Datastore, node: &str) -> Result<Ipv4Addr, CniError> {
+        if !self.ours()? {
+            let plugin = self.ipam_type()?;
+            let result = delegate::add(self.env, &plugin, self.raw)?;
+            return result.first_ipv4().ok_or_else(|| {
+                CniError::new(
+                    code::DELEGATE,
+                    format!("IPAM plugin {plugin} returned no IPv4 address"),
+                )
+            });
+        }
+        ds.ensure_default_pool(&self.pool_options())
+            .await
+            .map_err(ds_err("create the default IP pool"))?;
+        let ipam = Ipam::new(ds, IpamConfig::default());
+        let handle = self.handle_id();
+        // A retried ADD of the same container gets the address it already holds.
+        if let Some(held) = ipam
+            .check_handle(&handle)
+            .await
+            .map_err(ipam_err("read the IPAM handle"))?
+            && let Some(ip) = held.first()
+        {
+            return Ok(*ip);
+        }
+        let mut attrs = BTreeMap::new();
+        attrs.insert("node".to_owned(), node.to_owned());
+        if let Some((ns, pod)) = self.env.pod() {
+            attrs.insert("namespace".to_owned(), ns.to_owned());
+            attrs.insert("pod".to_owned(), pod.to_owned());
+        }
+        let req = AssignRequest {
+            node: node.to_owned(),
+            handle_id: handle,
+            attrs,
+            pools: None,
+        };
+        ipam.auto_assign(&req)
+            .await
+            .map_err(ipam_err("assign an address"))
+    }
+
+    /// Releases what `assign` took; idempotent.
+    async fn release(&self, ds: &Datastore) -> Result<(), CniError> {
+        if self.ours()? {
+            let ipam = Ipam::new(ds, IpamConfig::default());
+            let released = ipam
+                .release_by_handle(&self.handle_id())
+                .await
+                .map_err(ipam_err("release the pod's address"))?;
+            if !released.is_empty() {
+                info!(handle = %self.handle_id(), ?released, "released");
+            }
+            Ok(())
+        } else {
+            delegate::exec(self.env, &self.ipam_type()?, "DEL", self.raw).map(|_| ())
+        }
+    }
+
+    async fn add(&self) -> Result<String, CniError> {
+        self.env
+            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+        self.netns_must_exist()?;
+        let node = self.node();
+        if node.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "no node name: set nodename in the config",
+            ));
+        }
+        let ds = self.datastore().await?;
+        let ip = self.assign(&ds, &node).await?;
+
+        if self.kind == PluginKind::Ipam {
+            let result = CniResult {
+                cni_version: String::new(),
+                interfaces: vec![],
+                ips: vec![IpConfig {
+                    version: None,
+                    address: format!("{ip}/32"),
+                    gateway: None,
+                    interface: None,
+                }],
+                routes: vec![],
+                dns: serde_json::Value::Null,
+            };
+            return Ok(to_json(result.in_version(&self.conf.cni_version)));
+        }
+
+        match self.wire_and_record(&ds, &node, ip).await {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                // Undo the address; the veth and endpoint were undone by wire_and_record.
+                if let Err(undo) = self.release(&ds).await {
+                    warn!(error = %undo, "release the address after a failed ADD");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn wire_and_record(
+        &self,
+        ds: &Datastore,
+        node: &str,
+        ip: Ipv4Addr,
+    ) -> Result<String, CniError> {
+        let host = self.host_veth();
+        let mtu = self.conf.mtu.unwrap_or(DEFAULT_MTU);
+        let netns = Path::new(&self.env.netns);
+        let wired = match netsetup::wire(netns, &self.env.ifname, &host, ip, mtu) {
+            Ok(w) => w,
+            Err(e) => {
+                self.undo_veth(&host);
+                return Err(net_err("wire the pod")(e));
+            }
+        };
+        let wep = self.endpoint(ds, node, ip, &host, &wired.pod_mac).await;
+        let written = if failpoint("endpoint-write") {
+            Err(CniError::new(code::DATASTORE, "write the WorkloadEndpoint")
+                .details("injected failure (DATAPLANE_CNI_FAILPOINT)"))
+        } else {
+            ds.put_workload_endpoint(&wep)
+                .await
+                .map_err(ds_err("write the WorkloadEndpoint"))
+        };
+        if let Err(e) = written {
+            self.undo_veth(&host);
+            return Err(e);
+        }
+        info!(pod = ?self.env.pod(), %ip, iface = %host, "pod added");
+        let result = CniResult {
+            cni_version: String::new(),
+            interfaces: vec![
+                Interface {
+                    name: host,
+                    mac: wired.host_mac,
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: self.env.ifname.clone(),
+                    mac: wired.pod_mac,
+                    sandbox: self.env.netns.clone(),
+                },
+            ],
+            ips: vec![IpConfig {
+                version: None,
+                address: format!("{ip}/32"),
+                gateway: Some(GATEWAY.to_string()),
+                interface: Some(1),
+            }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".to_owned(),
+                gw: Some(GATEWAY.to_string()),
+            }],
+            dns: serde_json::Value::Null,
+        };
+        Ok(to_json(result.in_version(&self.conf.cni_version)))
+    }
+
+    fn undo_veth(&self, host: &str) {
+        if let Err(e) = netsetup::delete_host_veth(host) {
+            warn!(iface = host, error = %e, "remove the veth after a failed ADD");
+        }
+    }
+
+    /// The WorkloadEndpoint of this attachment, with the pod's and its namespace's labels when
+    /// the datastore knows them.
+    async fn endpoint(
+        &self,
+        ds: &Datastore,
+        node: &str,
+        ip: Ipv4Addr,
+        host: &str,
+        mac: &str,
+    ) -> datastore::WorkloadEndpoint {
+        let (namespace, pod) = match self.env.pod() {
+            Some((ns, pod)) => (ns.to_owned(), pod.to_owned()),
+            None => ("default".to_owned(), self.env.container_id.clone()),
+        };
+        let mut labels = BTreeMap::new();
+        let profile = format!("kns.{namespace}");
+        match ds.get_profile(&profile).await {
+            Ok(Some(p)) => {
+                for (k, v) in p.labels_to_apply() {
+                    labels.insert(k, v);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%profile, error = %e, "namespace labels unavailable"),
+        }
+        labels.insert("projectcalico.org/namespace".to_owned(), namespace.clone());
+        labels.insert(
+            "projectcalico.org/orchestrator".to_owned(),
+            "k8s".to_owned(),
+        );
+        datastore::WorkloadEndpoint::new(datastore::WorkloadEndpointArgs {
+            namespace,
+            node: node.to_owned(),
+            pod,
+            endpoint: self.env.ifname.clone(),
+            container_id: self.env.container_id.clone(),
+            interface_name: host.to_owned(),
+            mac: mac.to_owned(),
+            ip_networks: vec![format!("{ip}/32")],
+            profiles: vec![profile],
+            labels,
+        })
+    }
+
+    fn endpoint_key(&self, node: &str) -> String {
+        let (namespace, pod) = match self.env.pod() {
+            Some((ns, pod)) => (ns.to_owned(), pod.to_owned()),
+            None => ("default".to_owned(), self.env.container_id.clone()),
+        };
+        datastore::keys::workload_endpoint(&namespace, node, &pod, &self.env.ifname)
+    }
+
+    async fn del(&self) -> Result<(), CniError> {
+        self.env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
+        let node = self.node();
+        let ds = self.datastore().await?;
+        if self.kind == PluginKind::Main {
+            let key = self.endpoint_key(&node);
+            let wep = ds
+                .get_workload_endpoint(&key)
+                .await
+                .map_err(ds_err("read the WorkloadEndpoint"))?;
+            let newer_owner = wep
+                .as_ref()
+                .is_some_and(|w| w.container_id() != self.env.container_id);
+            if newer_owner {
+                // The pod was re-created under a new container: its veth and endpoint are
+                // the new one's. Only this container's address is ours to release.
+                info!(%key, "endpoint belongs to a newer container; leaving it");
+            } else {
+                let host = self.host_veth();
+                netsetup::delete_host_veth(&host).map_err(net_err("delete the veth"))?;
+                ds.delete_workload_endpoint_if(&key, &self.env.container_id)
+                    .await
+                    .map_err(ds_err("delete the WorkloadEndpoint"))?;
+            }
+        }
+        self.release(&ds).await
+    }
+
+    async fn check(&self) -> Result<(), CniError> {
+        self.env
+            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
+        let prev = self.conf.prev_result.as_ref().ok_or_else(|| {
+            CniError::new(code::INVALID_CONFIG, "prevResult is required for CHECK")
+        })?;
+        let prev: CniResult = serde_json::from_value(prev.clone()).map_err(|e| {
+            CniError::new(code::DECODE, "prevResult is not a CNI result").details(e.to_string())
+        })?;
+        let ip = prev
+            .first_ipv4()
+            .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "prevResult has no IPv4 address"))?;
+        self.netns_must_exist()?;
+        let ds = self.datastore().await?;
+        if self.ours()? {
+            let ipam = Ipam::new(&ds, IpamConfig::default());
+            let held = ipam
+                .check_handle(&self.handle_id())
+                .await
+                .map_err(ipam_err("read the IPAM handle"))?
+                .unwrap_or_default();
+            if !held.contains(&ip) {
+                return Err(CniError::new(
+                    code::CHECK_FAILED,
+                    format!("{ip} is not allocated to {}", self.handle_id()),
+                ));
+            }
+        } else {
+            delegate::exec(self.env, &self.ipam_type()?, "CHECK", self.raw)?;
+        }
+        if self.kind == PluginKind::Ipam {
+            return Ok(());
+        }
+        let host = self.host_veth();
+        netsetup::check(Path::new(&self.env.netns), &self.env.ifname, &host, ip)
+            .map_err(|e| CniError::new(code::CHECK_FAILED, crate::error_chain(&e)))?;
+        let key = self.endpoint_key(&self.node());
+        let wep = ds
+            .get_workload_endpoint(&key)
+            .await
+            .map_err(ds_err("read the WorkloadEndpoint"))?
+            .ok_or_else(|| {
+                CniError::new(
+                    code::CHECK_FAILED,
+                    format!("WorkloadEndpoint {key} is missing"),
+                )
+            })?;
+        let want_net = format!("{ip}/32");
+        if wep.container_id() != self.env.container_id
+            || wep.interface_name() != host
+            || !wep.ip_networks().contains(&want_net)
+        {
+            return Err(CniError::new(
+                code::CHECK_FAILED,
+                format!("WorkloadEndpoint {key} does not match this attachment"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<(), CniError> {
+        let not_available = |msg: String| {
+            CniError::new(code::NOT_AVAILABLE, "the plugin is not available").details(msg)
+        };
+        let ds = self
+            .datastore()
+            .await
+            .map_err(|e| not_available(e.to_string()))?;
+        if self.ours()? {
+            let ipam = Ipam::new(&ds, IpamConfig::default());
+            if !ipam
+                .has_free_address()
+                .await
+                .map_err(|e| not_available(crate::error_chain(&e)))?
+            {
+                return Err(not_available(
+                    "the IP pools have no free address".to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn gc(&self) -> Result<(), CniError> {
+        let valid: std::collections::HashSet<String> = self
+            .conf
+            .valid_attachments
+            .as_ref()
+            .or(self.conf.attachments.as_ref())
+            .map(|a| a.iter().map(|a| a.container_id.clone()).collect())
+            .unwrap_or_default();
+        let node = self.node();
+        let ds = self.datastore().await?;
+        // Endpoints of this node whose container the runtime no longer knows.
+        let weps = ds
+            .list_workload_endpoints(&node)
+            .await
+            .map_err(ds_err("list this node's WorkloadEndpoints"))?;
+        for (key, wep) in weps {
+            if valid.contains(wep.container_id()) {
+                continue;
+            }
+            info!(%key, container = wep.container_id(), "GC: removing a stale endpoint");
+            netsetup::delete_host_veth(wep.interface_name())
+                .map_err(net_err("delete a stale veth"))?;
+            ds.delete_workload_endpoint_if(&key, wep.container_id())
+                .await
+                .map_err(ds_err("delete a stale WorkloadEndpoint"))?;
+        }
+        // Allocations of this node whose container is gone, with or without an endpoint.
+        if self.ours()? {
+            let ipam = Ipam::new(&ds, IpamConfig::default());
+            for handle in ipam
+                .handles_of_node(&node)
+                .await
+                .map_err(ipam_err("list this node's allocations"))?
+            {
+                let Some(cid) = handle.strip_prefix("k8s-pod-network.") else {
+                    continue;
+                };
+                if !valid.contains(cid) {
+                    info!(%handle, "GC: releasing a stale allocation");
+                    ipam.release_by_handle(&handle)
+                        .await
+                        .map_err(ipam_err("release a stale allocation"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Test hook: `DATAPLANE_CNI_FAILPOINT=<name>` makes the named step fail, so tests can prove
+/// the rollback of a failure that is otherwise hard to time (etcd dying between two writes).
+fn failpoint(name: &str) -> bool {
+    std::env::var("DATAPLANE_CNI_FAILPOINT").is_ok_and(|v| v == name)
+}
+
+fn to_json(result: CniResult) -> String {
+    serde_json::to_string(&result).unwrap_or_default()
+}
