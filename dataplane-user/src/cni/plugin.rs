@@ -19,6 +19,63 @@ use crate::{
 pub const DEFAULT_MTU: u32 = 1480;
 /// Where the node name is read from when the config has none (written by install-cni).
 pub const NODENAME_FILE: &str = "/var/lib/dataplane/nodename";
+/// Directory of the node-local IPAM locks.
+pub const LOCK_DIR: &str = "/var/run/dataplane";
+/// How long an ADD or DEL waits for the node's IPAM lock before answering "try again".
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node-local exclusive lock around IPAM, as Calico's plugin takes one: concurrent ADDs on
+/// one node would otherwise all race for the same block and retry on every conflict.
+/// Correctness never depends on it (every etcd write is a transaction on the revision); it
+/// only turns a storm of conflicts into a queue. Released when dropped (or when the process
+/// dies).
+struct IpamLock {
+    _file: std::fs::File,
+}
+
+impl IpamLock {
+    fn acquire(node: &str) -> Result<Self, CniError> {
+        use std::os::fd::AsRawFd as _;
+        let io = |e: std::io::Error| {
+            CniError::new(code::IO_FAILURE, "take the node's IPAM lock").details(e.to_string())
+        };
+        std::fs::create_dir_all(LOCK_DIR).map_err(io)?;
+        let name: String = node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Path::new(LOCK_DIR).join(format!("ipam-{name}.lock")))
+            .map_err(io)?;
+        let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Self { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(io(e));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(CniError::new(
+                    code::TRY_AGAIN,
+                    format!("the node's IPAM lock was busy for {LOCK_TIMEOUT:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
 
 pub(super) async fn run(
     kind: PluginKind,
@@ -212,6 +269,7 @@ impl Context<'_> {
                 )
             });
         }
+        let _lock = IpamLock::acquire(node)?;
         ds.ensure_default_pool(&self.pool_options())
             .await
             .map_err(ds_err("create the default IP pool"))?;
@@ -246,6 +304,7 @@ impl Context<'_> {
     /// Releases what `assign` took; idempotent.
     async fn release(&self, ds: &Datastore) -> Result<(), CniError> {
         if self.ours()? {
+            let _lock = IpamLock::acquire(&self.node())?;
             let ipam = Ipam::new(ds, IpamConfig::default());
             let released = ipam
                 .release_by_handle(&self.handle_id())
@@ -271,8 +330,11 @@ impl Context<'_> {
                 "no node name: set nodename in the config",
             ));
         }
+        let t = std::time::Instant::now();
         let ds = self.datastore().await?;
+        tracing::debug!(elapsed = ?t.elapsed(), "connected");
         let ip = self.assign(&ds, &node).await?;
+        tracing::debug!(elapsed = ?t.elapsed(), %ip, "address assigned");
 
         if self.kind == PluginKind::Ipam {
             let result = CniResult {
@@ -311,6 +373,7 @@ impl Context<'_> {
         let host = self.host_veth();
         let mtu = self.conf.mtu.unwrap_or(DEFAULT_MTU);
         let netns = Path::new(&self.env.netns);
+        let t = std::time::Instant::now();
         let wired = match netsetup::wire(netns, &self.env.ifname, &host, ip, mtu) {
             Ok(w) => w,
             Err(e) => {
@@ -318,6 +381,8 @@ impl Context<'_> {
                 return Err(net_err("wire the pod")(e));
             }
         };
+        tracing::debug!(elapsed = ?t.elapsed(), "pod wired");
+        let t = std::time::Instant::now();
         let wep = self.endpoint(ds, node, ip, &host, &wired.pod_mac).await;
         let written = if failpoint("endpoint-write") {
             Err(CniError::new(code::DATASTORE, "write the WorkloadEndpoint")
@@ -331,6 +396,7 @@ impl Context<'_> {
             self.undo_veth(&host);
             return Err(e);
         }
+        tracing::debug!(elapsed = ?t.elapsed(), "endpoint written");
         info!(pod = ?self.env.pod(), %ip, iface = %host, "pod added");
         let result = CniResult {
             cni_version: String::new(),
