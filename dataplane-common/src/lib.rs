@@ -8,7 +8,105 @@ use core::mem::size_of;
 /// Names of the maps in the object, which are also their pin names under `<bpffs-dir>/maps/`.
 pub mod map_names {
     pub const COUNTERS: &str = "DP_COUNTERS";
+    pub const ROUTES: &str = "DP_ROUTES";
+    pub const ENDPOINTS: &str = "DP_ENDPOINTS";
+    pub const NODES: &str = "DP_NODES";
 }
+
+/// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
+pub const MAX_ROUTES: u32 = 65536;
+/// Most local endpoints (pods on this node).
+pub const MAX_ENDPOINTS: u32 = 8192;
+/// Most nodes in the cluster.
+pub const MAX_NODES: u32 = 8192;
+
+/// What a route leads to: [`RouteValue::kind`].
+pub mod route_kind {
+    /// A pod on this node: `ifindex` is its host veth, `mac` the pod's MAC.
+    pub const LOCAL_WORKLOAD: u8 = 1;
+    /// An address block affine to another node: `next_hop` is that node's address.
+    pub const REMOTE_BLOCK: u8 = 2;
+    /// An address of this node itself.
+    pub const LOCAL_HOST: u8 = 3;
+    /// The address of another node.
+    pub const REMOTE_HOST: u8 = 4;
+    /// An IP pool (less specific than its blocks): pod addresses of no known block.
+    pub const POOL: u8 = 5;
+
+    pub const fn name(kind: u8) -> &'static str {
+        match kind {
+            LOCAL_WORKLOAD => "local workload",
+            REMOTE_BLOCK => "remote block",
+            LOCAL_HOST => "local host",
+            REMOTE_HOST => "remote host",
+            POOL => "pool",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Bits of [`RouteValue::flags`].
+pub mod route_flags {
+    /// Traffic to this destination is encapsulated in IP-in-IP to `next_hop`.
+    pub const IPIP: u8 = 1;
+    /// `next_hop` is on this node's subnet.
+    pub const SAME_SUBNET: u8 = 2;
+    /// Traffic from pods of this pool to outside the pools is masqueraded.
+    pub const NAT_OUTGOING: u8 = 4;
+    /// The pool's ipipMode is CrossSubnet (for pool entries).
+    pub const IPIP_CROSS_SUBNET: u8 = 8;
+    /// The pool's ipipMode is Always (for pool entries).
+    pub const IPIP_ALWAYS: u8 = 16;
+
+    pub const NAMES: &[(u8, &str)] = &[
+        (IPIP, "ipip"),
+        (SAME_SUBNET, "same-subnet"),
+        (NAT_OUTGOING, "nat-outgoing"),
+        (IPIP_CROSS_SUBNET, "ipip-cross-subnet"),
+        (IPIP_ALWAYS, "ipip-always"),
+    ];
+}
+
+/// Value of the routes LPM trie (key: prefix length and IPv4 address in network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteValue {
+    /// One of the [`route_kind`] constants.
+    pub kind: u8,
+    /// [`route_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Host veth ifindex of a local workload; 0 otherwise.
+    pub ifindex: u32,
+    /// Node address behind a remote block or host, network order; zero otherwise.
+    pub next_hop: [u8; 4],
+    /// The pod's MAC for a local workload; zero otherwise.
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 2],
+}
+const _: () = assert!(size_of::<RouteValue>() == 20);
+
+/// Value of the endpoints map, keyed by the host veth's ifindex (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointValue {
+    /// The pod's address, network order (the only source it may send from).
+    pub ip: [u8; 4],
+    /// The pod's MAC.
+    pub mac: [u8; 6],
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<EndpointValue>() == 12);
+
+/// Value of the nodes map, keyed by a node's address in network order ([u8; 4]): the peers
+/// IP-in-IP is accepted from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeValue {
+    /// [`route_flags::SAME_SUBNET`] when the node shares this node's subnet.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<NodeValue>() == 4);
 
 /// The four hooks a program runs at. Stored in [`CounterKey::hook`].
 pub mod hook {
@@ -139,4 +237,11 @@ mod user {
     unsafe impl bytemuck::Zeroable for Counters {}
     // SAFETY: same reasoning as the aya::Pod impls.
     unsafe impl bytemuck::Pod for Counters {}
+    // SAFETY: repr(C), integer fields and explicit padding only, size asserted: every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for RouteValue {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for EndpointValue {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for NodeValue {}
 }

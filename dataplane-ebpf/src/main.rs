@@ -7,16 +7,32 @@ mod counters;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
-    btf_maps::PerCpuHashMap,
+    btf_maps::{HashMap, LpmTrie, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use dataplane_common::{CounterKey, Counters, MAX_COUNTER_KEYS, counter, hook};
+use dataplane_common::{
+    CounterKey, Counters, EndpointValue, MAX_COUNTER_KEYS, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
+    NodeValue, RouteValue, counter, hook,
+};
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
 #[btf_map]
 static DP_COUNTERS: PerCpuHashMap<CounterKey, Counters, { MAX_COUNTER_KEYS as usize }> =
     PerCpuHashMap::new();
+
+/// Where each destination is: local pods, remote blocks, hosts, pools (longest prefix wins).
+/// Filled by the agent from etcd.
+#[btf_map]
+static DP_ROUTES: LpmTrie<[u8; 4], RouteValue, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+/// This node's pods by host veth ifindex. Filled by the agent from etcd.
+#[btf_map]
+static DP_ENDPOINTS: HashMap<u32, EndpointValue, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// The cluster's nodes by address. Filled by the agent from etcd.
+#[btf_map]
+static DP_NODES: HashMap<[u8; 4], NodeValue, { MAX_NODES as usize }> = HashMap::new();
 
 /// TC ingress of a `cali*` veth: what the pod sends.
 #[classifier]

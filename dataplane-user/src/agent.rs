@@ -29,6 +29,10 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error("the link event stream ended")]
     EventsEnded,
+    #[error(transparent)]
+    Datastore(#[from] Box<crate::datastore::DatastoreError>),
+    #[error(transparent)]
+    Sync(#[from] Box<crate::sync::SyncError>),
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +104,46 @@ impl Attached {
     }
 }
 
+/// Makes this node's Node resource carry the host NIC's address (as calico-node does), so that
+/// the other nodes know where its pods are. Retries until etcd answers; keeps any other field
+/// of an existing Node.
+async fn register_node(ds: &crate::datastore::Datastore, name: &str, addr: Option<ipnet::Ipv4Net>) {
+    let Some(addr) = addr else {
+        warn!(
+            node = name,
+            "the host interface has no IPv4 address; Node not registered"
+        );
+        return;
+    };
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        let result = async {
+            let mut node = ds
+                .get_node(name)
+                .await?
+                .unwrap_or_else(|| crate::datastore::Node::new(name, None));
+            if node.ipv4_address().ok().flatten() == Some(addr) {
+                return Ok(());
+            }
+            let bgp = node.spec.bgp.get_or_insert_with(Default::default);
+            bgp.ipv4_address = Some(addr.to_string());
+            ds.put_node(&node).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                info!(node = name, %addr, "Node registered");
+                return;
+            }
+            Err(e) => {
+                warn!(node = name, error = %e, retry_in = ?delay, "register the Node");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` completes. On shutdown the programs stay attached (their
 /// links are pinned), so the dataplane keeps forwarding while the agent restarts.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
@@ -108,6 +152,21 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
     let pins = PinDir::open(&opts.bpffs_dir)?;
     let programs = Programs::load(&pins)?;
+    // Datastore settings and the maps are checked before anything is attached.
+    let sync_parts = if opts.etcd_endpoints.is_empty() {
+        None
+    } else {
+        let cfg = crate::datastore::EtcdConfig {
+            endpoints: opts.etcd_endpoints.clone(),
+            ..crate::datastore::EtcdConfig::default()
+        };
+        let ds = crate::datastore::Datastore::connect(&cfg)
+            .await
+            .map_err(Box::new)?;
+        let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
+        Some((ds, writer))
+    };
+    let host_addr = netlink::ipv4_of(host_ifindex).await?;
     let (links, mut events) = netlink::watch_links().await?;
     let mut state = Attached {
         programs,
@@ -144,11 +203,27 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         "agent ready"
     );
 
+    // The datastore → maps sync runs beside the interface loop; it retries on its own when
+    // etcd is away, and the maps keep their last state meanwhile.
+    let sync_task = sync_parts.map(|(ds, writer)| {
+        let node = opts.node.clone();
+        tokio::spawn(async move {
+            register_node(&ds, &node, host_addr).await;
+            crate::sync::run(ds, node, writer).await;
+        })
+    });
+    if sync_task.is_none() {
+        info!("no --etcd-endpoints: routes and endpoints maps are not synced");
+    }
+
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => {
                 info!("shutting down; programs stay attached through their pinned links");
+                if let Some(task) = sync_task {
+                    task.abort();
+                }
                 return Ok(());
             }
             event = events.next() => {

@@ -105,7 +105,12 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 1] = [map_names::COUNTERS];
+const PINNED_MAPS: [&str; 4] = [
+    map_names::COUNTERS,
+    map_names::ROUTES,
+    map_names::ENDPOINTS,
+    map_names::NODES,
+];
 
 /// The programs of one interface, attached through pinned TCX links.
 #[derive(Debug)]

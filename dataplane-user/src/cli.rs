@@ -151,6 +151,10 @@ pub struct AgentArgs {
 pub enum DumpKind {
     /// Packets, bytes and outcomes per interface and hook, with drops by reason.
     Counters,
+    /// The routes map: local pods, remote blocks and hosts, pools, with their flags.
+    Routes,
+    /// The endpoints map: this node's pods by host veth.
+    Endpoints,
     /// Every kind above.
     All,
 }

@@ -101,3 +101,117 @@ pub fn counters_table(rows: &[CounterRow]) -> String {
     }
     out
 }
+
+fn flag_names(flags: u8) -> Vec<String> {
+    dataplane_common::route_flags::NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// One row of `map-dump routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RouteRow {
+    pub cidr: String,
+    pub kind: String,
+    /// Host veth of a local workload.
+    pub iface: Option<String>,
+    pub ifindex: Option<u32>,
+    /// Node behind a remote block or host.
+    pub via: Option<String>,
+    pub mac: Option<String>,
+    pub flags: Vec<String>,
+}
+
+pub fn route_rows(root: &Path) -> Result<Vec<RouteRow>, MapsError> {
+    use dataplane_common::route_kind;
+    Ok(maps::read_routes(root)?
+        .into_iter()
+        .map(|((plen, addr), v)| {
+            let local = v.kind == route_kind::LOCAL_WORKLOAD;
+            let remote = matches!(v.kind, route_kind::REMOTE_BLOCK | route_kind::REMOTE_HOST);
+            RouteRow {
+                cidr: format!("{}/{plen}", std::net::Ipv4Addr::from(addr)),
+                kind: route_kind::name(v.kind).to_owned(),
+                iface: if local { iface_name(v.ifindex) } else { None },
+                ifindex: local.then_some(v.ifindex),
+                via: remote.then(|| std::net::Ipv4Addr::from(v.next_hop).to_string()),
+                mac: local.then(|| mac_text(v.mac)),
+                flags: flag_names(v.flags),
+            }
+        })
+        .collect())
+}
+
+pub fn routes_table(rows: &[RouteRow]) -> String {
+    let mut out = format!("{:<18}  {:<15}  {}\n", "CIDR", "KIND", "DETAILS");
+    for r in rows {
+        let mut details = Vec::new();
+        if let Some(i) = &r.iface {
+            details.push(i.clone());
+        }
+        if let Some(i) = r.ifindex {
+            details.push(format!("idx {i}"));
+        }
+        if let Some(m) = &r.mac {
+            details.push(m.clone());
+        }
+        if let Some(v) = &r.via {
+            details.push(format!("via {v}"));
+        }
+        details.extend(r.flags.iter().cloned());
+        out.push_str(&format!(
+            "{:<18}  {:<15}  {}\n",
+            r.cidr,
+            r.kind,
+            details.join("  ")
+        ));
+    }
+    out
+}
+
+/// One row of `map-dump endpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EndpointRow {
+    pub ifindex: u32,
+    pub iface: Option<String>,
+    pub ip: String,
+    pub mac: String,
+}
+
+pub fn endpoint_rows(root: &Path) -> Result<Vec<EndpointRow>, MapsError> {
+    Ok(maps::read_endpoints(root)?
+        .into_iter()
+        .map(|(ifindex, v)| EndpointRow {
+            ifindex,
+            iface: iface_name(ifindex),
+            ip: std::net::Ipv4Addr::from(v.ip).to_string(),
+            mac: mac_text(v.mac),
+        })
+        .collect())
+}
+
+pub fn endpoints_table(rows: &[EndpointRow]) -> String {
+    let mut out = format!(
+        "{:>7}  {:<16}  {:<15}  {}\n",
+        "IFINDEX", "IFACE", "IP", "MAC"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:>7}  {:<16}  {:<15}  {}\n",
+            r.ifindex,
+            r.iface.as_deref().unwrap_or("(gone)"),
+            r.ip,
+            r.mac
+        ));
+    }
+    out
+}

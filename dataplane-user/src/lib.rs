@@ -16,6 +16,7 @@ pub mod dump;
 pub mod ipam;
 pub mod maps;
 pub mod netlink;
+pub mod sync;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
 /// `dataplane` is one self-contained file.

@@ -75,18 +75,46 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
             rt.block_on(run_ctl(&args.etcd, args.command))?;
         }
         Command::MapDump(args) => {
-            let rows = dump::counter_rows(&args.bpffs_dir)?;
+            let root = &args.bpffs_dir;
+            let json = |v: serde_json::Value| serde_json::to_string_pretty(&v);
             match (args.kind, args.json) {
-                (DumpKind::Counters | DumpKind::All, false) => {
-                    print!("{}", dump::counters_table(&rows))
+                (DumpKind::Counters, false) => {
+                    print!("{}", dump::counters_table(&dump::counter_rows(root)?))
                 }
-                (DumpKind::Counters, true) => println!("{}", serde_json::to_string_pretty(&rows)?),
-                (DumpKind::All, true) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({ "counters": rows }))?
-                    )
+                (DumpKind::Routes, false) => {
+                    print!("{}", dump::routes_table(&dump::route_rows(root)?))
                 }
+                (DumpKind::Endpoints, false) => {
+                    print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?))
+                }
+                (DumpKind::All, false) => {
+                    println!("# counters");
+                    print!("{}", dump::counters_table(&dump::counter_rows(root)?));
+                    println!("\n# routes");
+                    print!("{}", dump::routes_table(&dump::route_rows(root)?));
+                    println!("\n# endpoints");
+                    print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?));
+                }
+                (DumpKind::Counters, true) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dump::counter_rows(root)?)?
+                ),
+                (DumpKind::Routes, true) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dump::route_rows(root)?)?
+                ),
+                (DumpKind::Endpoints, true) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dump::endpoint_rows(root)?)?
+                ),
+                (DumpKind::All, true) => println!(
+                    "{}",
+                    json(serde_json::json!({
+                        "counters": dump::counter_rows(root)?,
+                        "routes": dump::route_rows(root)?,
+                        "endpoints": dump::endpoint_rows(root)?,
+                    }))?
+                ),
             }
         }
     }

@@ -3,8 +3,8 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
-use dataplane_common::{CounterKey, Counters, counter, map_names};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use dataplane_common::{CounterKey, Counters, EndpointValue, RouteValue, counter, map_names};
 
 use crate::bpffs;
 
@@ -48,6 +48,54 @@ pub fn read_counters(root: &Path) -> Result<BTreeMap<(u32, u8), Counters>, MapsE
             }
         }
         out.insert((key.ifindex, key.hook), sum);
+    }
+    Ok(out)
+}
+
+fn open_pinned(root: &Path, name: &str) -> Result<MapData, MapsError> {
+    let path = bpffs::maps_dir(root).join(name);
+    MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The routes map: (prefix length, address) → route.
+pub fn read_routes(root: &Path) -> Result<BTreeMap<(u32, [u8; 4]), RouteValue>, MapsError> {
+    let map: LpmTrie<MapData, [u8; 4], RouteValue> =
+        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::ROUTES)?)).map_err(
+            |source| MapsError::Read {
+                name: map_names::ROUTES,
+                source,
+            },
+        )?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (k, v) = entry.map_err(|source| MapsError::Read {
+            name: map_names::ROUTES,
+            source,
+        })?;
+        out.insert((k.prefix_len(), k.data()), v);
+    }
+    Ok(out)
+}
+
+/// The endpoints map: host veth ifindex → endpoint.
+pub fn read_endpoints(root: &Path) -> Result<BTreeMap<u32, EndpointValue>, MapsError> {
+    let map: HashMap<MapData, u32, EndpointValue> =
+        HashMap::try_from(Map::HashMap(open_pinned(root, map_names::ENDPOINTS)?)).map_err(
+            |source| MapsError::Read {
+                name: map_names::ENDPOINTS,
+                source,
+            },
+        )?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (k, v) = entry.map_err(|source| MapsError::Read {
+            name: map_names::ENDPOINTS,
+            source,
+        })?;
+        out.insert(k, v);
     }
     Ok(out)
 }

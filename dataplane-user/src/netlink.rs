@@ -86,3 +86,27 @@ pub async fn watch_links()
     let stream = events.filter_map(|(msg, _)| futures::future::ready(event_of(msg)));
     Ok((links, stream))
 }
+
+/// The first IPv4 address (with its prefix) of interface `ifindex`, if any.
+pub async fn ipv4_of(ifindex: u32) -> Result<Option<ipnet::Ipv4Net>, NetlinkError> {
+    use netlink_packet_route::address::AddressAttribute;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Open)?;
+    let task = tokio::spawn(conn);
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(NetlinkError::List)?;
+    task.abort();
+    Ok(addrs.iter().find_map(|a| {
+        a.attributes.iter().find_map(|attr| match attr {
+            AddressAttribute::Address(std::net::IpAddr::V4(ip)) => {
+                ipnet::Ipv4Net::new(*ip, a.header.prefix_len).ok()
+            }
+            _ => None,
+        })
+    }))
+}

@@ -18,7 +18,7 @@ use std::{
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    TlsOptions, Txn, TxnOp, TxnResponse,
+    TlsOptions, Txn, TxnOp, TxnResponse, WatchOptions,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::{debug, warn};
@@ -65,6 +65,11 @@ impl Default for EtcdConfig {
 pub enum DatastoreError {
     #[error("etcd configuration: {0}")]
     Config(String),
+    #[error("watch of {prefix} lost (compacted at revision {compact_revision}); re-list")]
+    WatchLost {
+        prefix: String,
+        compact_revision: i64,
+    },
     #[error("read the etcd {what} {path}: {source}")]
     ReadFile {
         what: &'static str,
@@ -291,6 +296,65 @@ pub(crate) fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now())
 }
 
+/// One change under a watched prefix: the new value, or `None` for a delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub mod_revision: i64,
+}
+
+/// An open watch (see [`Datastore::watch`]).
+pub struct Watch {
+    stream: etcd_client::WatchStream,
+    prefix: String,
+    endpoints: String,
+}
+
+impl Watch {
+    /// The next batch of events, with the revision they bring the watcher to. `Ok(None)` when
+    /// etcd closed the stream.
+    pub async fn next(&mut self) -> Result<Option<(Vec<WatchEvent>, i64)>, DatastoreError> {
+        let resp = match self.stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                return Err(DatastoreError::Unavailable {
+                    op: "watch",
+                    key: self.prefix.clone(),
+                    endpoints: self.endpoints.clone(),
+                    error,
+                });
+            }
+        };
+        if resp.canceled() || resp.compact_revision() > 0 {
+            return Err(DatastoreError::WatchLost {
+                prefix: self.prefix.clone(),
+                compact_revision: resp.compact_revision(),
+            });
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let events = resp
+            .events()
+            .iter()
+            .filter_map(|e| {
+                let kv = e.kv()?;
+                let key = kv.key_str().ok()?.to_owned();
+                let value = match e.event_type() {
+                    etcd_client::EventType::Put => Some(kv.value().to_vec()),
+                    etcd_client::EventType::Delete => None,
+                };
+                Some(WatchEvent {
+                    key,
+                    value,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .collect();
+        Ok(Some((events, revision)))
+    }
+}
+
 /// A connection to etcd. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct Datastore {
@@ -489,6 +553,39 @@ impl Datastore {
     }
 
     async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<RawValue>, DatastoreError> {
+        Ok(self.range_at(prefix, keys_only).await?.0)
+    }
+
+    /// Everything under `prefix` at one revision, and that revision: the starting point of a
+    /// watch that misses nothing ([`Datastore::watch`] from `revision + 1`).
+    pub async fn snapshot(&self, prefix: &str) -> Result<(Vec<RawValue>, i64), DatastoreError> {
+        self.range_at(prefix, false).await
+    }
+
+    /// Watches every key under `prefix` from `from_revision` on. Events come in batches (one
+    /// per etcd response); a compacted start revision or a cancelled watch is an error, after
+    /// which the caller re-lists.
+    pub async fn watch(&self, prefix: &str, from_revision: i64) -> Result<Watch, DatastoreError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision)
+            .with_progress_notify();
+        let mut client = self.client.watch_client();
+        let stream = self
+            .call("watch", prefix, client.watch(prefix, Some(opts)))
+            .await?;
+        Ok(Watch {
+            stream,
+            prefix: prefix.to_owned(),
+            endpoints: self.endpoints.clone(),
+        })
+    }
+
+    async fn range_at(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> Result<(Vec<RawValue>, i64), DatastoreError> {
         let end = prefix_end(prefix);
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
@@ -524,7 +621,7 @@ impl Datastore {
                     start = last.key().to_vec();
                     start.push(0);
                 }
-                _ => return Ok(out),
+                _ => return Ok((out, revision)),
             }
         }
     }

@@ -1,0 +1,604 @@
+//! Datastore → maps: the agent keeps the routes, endpoints and nodes maps equal to what etcd
+//! says. It lists `/calico/` once at a revision, then watches from the next revision; each
+//! batch of events updates an in-memory model, the desired map contents are derived from it,
+//! and only the entries that differ from what was last written are written or removed. A
+//! lost watch (compaction, reconnect) re-lists and converges the same way.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use dataplane_common::{EndpointValue, NodeValue, RouteValue, map_names, route_flags, route_kind};
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use crate::{
+    bpffs,
+    datastore::{
+        Datastore, DatastoreError, IpPool, IpipMode, Node, Pool, WorkloadEndpoint,
+        keys::Key as DsKey,
+    },
+    ipam::Block,
+};
+
+/// The prefix the agent watches: Calico's resources and IPAM.
+pub const PREFIX: &str = "/calico/";
+
+/// What the datastore says, as far as routing is concerned.
+#[derive(Debug, Default, Clone)]
+pub struct Model {
+    pools: BTreeMap<String, Pool>,
+    nodes: BTreeMap<String, Ipv4Net>,
+    /// Block → the node it is affine to.
+    blocks: BTreeMap<Ipv4Net, String>,
+    weps: BTreeMap<String, WorkloadEndpoint>,
+}
+
+/// The contents the maps should have.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: BTreeMap<(u32, [u8; 4]), RouteValue>,
+    pub endpoints: BTreeMap<u32, EndpointValue>,
+    pub nodes: BTreeMap<[u8; 4], NodeValue>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+    match serde_json::from_slice(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(key, error = %e, "skipping a value that does not parse");
+            None
+        }
+    }
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
+}
+
+impl Model {
+    /// Applies one key's new value (`None`: deleted). Keys of no interest are ignored; a value
+    /// that does not parse is logged with its key and leaves the model as it was.
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>) {
+        let Some(parsed) = DsKey::parse(key) else {
+            return;
+        };
+        match (parsed, value) {
+            (DsKey::IpPool(name), None) => {
+                self.pools.remove(&name);
+            }
+            (DsKey::IpPool(name), Some(v)) => {
+                if let Some(pool) = decode::<IpPool>(key, v) {
+                    match pool.validate() {
+                        Ok(Some(p)) => {
+                            self.pools.insert(name, p);
+                        }
+                        Ok(None) => {}
+                        Err(reason) => warn!(key, %reason, "skipping an invalid pool"),
+                    }
+                }
+            }
+            (DsKey::Node(name), None) => {
+                self.nodes.remove(&name);
+            }
+            (DsKey::Node(name), Some(v)) => {
+                if let Some(node) = decode::<Node>(key, v) {
+                    match node.ipv4_address() {
+                        Ok(Some(addr)) => {
+                            self.nodes.insert(name, addr);
+                        }
+                        Ok(None) => {
+                            self.nodes.remove(&name);
+                        }
+                        Err(reason) => warn!(key, %reason, "skipping a node address"),
+                    }
+                }
+            }
+            (DsKey::Block(cidr), None) => {
+                self.blocks.remove(&cidr);
+            }
+            (DsKey::Block(cidr), Some(v)) => {
+                if let Some(block) = decode::<Block>(key, v) {
+                    match block.affine_node() {
+                        Some(node) => {
+                            self.blocks.insert(cidr, node.to_owned());
+                        }
+                        None => {
+                            self.blocks.remove(&cidr);
+                        }
+                    }
+                }
+            }
+            (DsKey::WorkloadEndpoint { .. }, None) => {
+                self.weps.remove(key);
+            }
+            (DsKey::WorkloadEndpoint { .. }, Some(v)) => {
+                if let Some(wep) = decode::<WorkloadEndpoint>(key, v) {
+                    self.weps.insert(key.to_owned(), wep);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The maps' contents for node `me`. `ifindex` resolves a local pod's host veth.
+    pub fn desired(&self, me: &str, ifindex: impl Fn(&str) -> Option<u32>) -> Desired {
+        let mut d = Desired::default();
+        let my_net = self.nodes.get(me).copied();
+        let same_subnet = |addr: Ipv4Addr| my_net.is_some_and(|n| n.trunc().contains(&addr));
+        let pool_of = |net: Ipv4Net| self.pools.values().find(|p| p.cidr.contains(&net));
+        let mut route = |prefix: u8, addr: Ipv4Addr, v: RouteValue| {
+            d.routes.insert((u32::from(prefix), addr.octets()), v);
+        };
+
+        for pool in self.pools.values().filter(|p| !p.disabled) {
+            let mut flags = 0;
+            match pool.ipip_mode {
+                IpipMode::Always => flags |= route_flags::IPIP_ALWAYS,
+                IpipMode::CrossSubnet => flags |= route_flags::IPIP_CROSS_SUBNET,
+                IpipMode::Never => {}
+            }
+            if pool.nat_outgoing {
+                flags |= route_flags::NAT_OUTGOING;
+            }
+            route(
+                pool.cidr.prefix_len(),
+                pool.cidr.network(),
+                RouteValue {
+                    kind: route_kind::POOL,
+                    flags,
+                    ..RouteValue::default()
+                },
+            );
+        }
+
+        // How traffic to a pod network behind node `owner` travels.
+        let remote_flags = |net: Ipv4Net, owner_ip: Ipv4Addr| -> u8 {
+            let same = same_subnet(owner_ip);
+            let mut flags = if same { route_flags::SAME_SUBNET } else { 0 };
+            if let Some(pool) = pool_of(net) {
+                let encap = match pool.ipip_mode {
+                    IpipMode::Always => true,
+                    IpipMode::CrossSubnet => !same,
+                    IpipMode::Never => false,
+                };
+                if encap {
+                    flags |= route_flags::IPIP;
+                }
+                if pool.nat_outgoing {
+                    flags |= route_flags::NAT_OUTGOING;
+                }
+            }
+            flags
+        };
+
+        for (name, net) in &self.nodes {
+            let addr = net.addr();
+            if name == me {
+                route(
+                    32,
+                    addr,
+                    RouteValue {
+                        kind: route_kind::LOCAL_HOST,
+                        ..RouteValue::default()
+                    },
+                );
+                continue;
+            }
+            route(
+                32,
+                addr,
+                RouteValue {
+                    kind: route_kind::REMOTE_HOST,
+                    next_hop: addr.octets(),
+                    flags: if same_subnet(addr) {
+                        route_flags::SAME_SUBNET
+                    } else {
+                        0
+                    },
+                    ..RouteValue::default()
+                },
+            );
+            d.nodes.insert(
+                addr.octets(),
+                NodeValue {
+                    flags: if same_subnet(addr) {
+                        u32::from(route_flags::SAME_SUBNET)
+                    } else {
+                        0
+                    },
+                },
+            );
+        }
+
+        for (block, owner) in &self.blocks {
+            if owner == me {
+                continue;
+            }
+            let Some(owner_ip) = self.nodes.get(owner).map(Ipv4Net::addr) else {
+                continue;
+            };
+            route(
+                block.prefix_len(),
+                block.network(),
+                RouteValue {
+                    kind: route_kind::REMOTE_BLOCK,
+                    flags: remote_flags(*block, owner_ip),
+                    next_hop: owner_ip.octets(),
+                    ..RouteValue::default()
+                },
+            );
+        }
+
+        for wep in self.weps.values() {
+            let spec = &wep.spec;
+            for net in &spec.ip_networks {
+                let Ok(net) = net.parse::<Ipv4Net>() else {
+                    continue;
+                };
+                let ip = net.addr();
+                if spec.node == me {
+                    let (Some(idx), Some(mac)) =
+                        (ifindex(&spec.interface_name), parse_mac(&spec.mac))
+                    else {
+                        debug!(iface = %spec.interface_name, "local endpoint without its veth yet");
+                        continue;
+                    };
+                    route(
+                        32,
+                        ip,
+                        RouteValue {
+                            kind: route_kind::LOCAL_WORKLOAD,
+                            ifindex: idx,
+                            mac,
+                            ..RouteValue::default()
+                        },
+                    );
+                    d.endpoints.insert(
+                        idx,
+                        EndpointValue {
+                            ip: ip.octets(),
+                            mac,
+                            flags: 0,
+                        },
+                    );
+                    continue;
+                }
+                // A remote pod whose address is borrowed from a block affine to a third node:
+                // it needs its own /32 toward the node it runs on.
+                let block_owner = self
+                    .blocks
+                    .iter()
+                    .find(|(b, _)| b.contains(&ip))
+                    .map(|(_, o)| o.as_str());
+                if block_owner != Some(spec.node.as_str())
+                    && let Some(node_ip) = self.nodes.get(&spec.node).map(Ipv4Net::addr)
+                {
+                    route(
+                        32,
+                        ip,
+                        RouteValue {
+                            kind: route_kind::REMOTE_BLOCK,
+                            flags: remote_flags(net, node_ip),
+                            next_hop: node_ip.octets(),
+                            ..RouteValue::default()
+                        },
+                    );
+                }
+            }
+        }
+        d
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("open pinned map {path}: {source}")]
+    Open { path: String, source: Box<MapError> },
+    #[error("write map {map}: {source}")]
+    Write {
+        map: &'static str,
+        source: Box<MapError>,
+    },
+    #[error(transparent)]
+    Datastore(#[from] Box<DatastoreError>),
+}
+
+/// The three maps the sync writes, with what was last written to them.
+pub struct MapWriter {
+    routes: LpmTrie<MapData, [u8; 4], RouteValue>,
+    endpoints: HashMap<MapData, u32, EndpointValue>,
+    nodes: HashMap<MapData, [u8; 4], NodeValue>,
+    applied: Desired,
+}
+
+/// What one reconcile changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub written: usize,
+    pub removed: usize,
+}
+
+fn open(root: &Path, name: &str) -> Result<MapData, SyncError> {
+    let path = bpffs::maps_dir(root).join(name);
+    MapData::from_pin(&path).map_err(|source| SyncError::Open {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    })
+}
+
+fn werr(map: &'static str) -> impl Fn(MapError) -> SyncError {
+    move |source| SyncError::Write {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl MapWriter {
+    /// Opens the pinned maps under `root` and reads what they hold now (an agent restart
+    /// then changes only what differs).
+    pub fn open(root: &Path) -> Result<Self, SyncError> {
+        let oerr = |name: &str| {
+            let path = bpffs::maps_dir(root).join(name).display().to_string();
+            move |source| SyncError::Open {
+                path,
+                source: Box::new(source),
+            }
+        };
+        let routes: LpmTrie<MapData, [u8; 4], RouteValue> =
+            LpmTrie::try_from(Map::LpmTrie(open(root, map_names::ROUTES)?))
+                .map_err(oerr(map_names::ROUTES))?;
+        let endpoints: HashMap<MapData, u32, EndpointValue> =
+            HashMap::try_from(Map::HashMap(open(root, map_names::ENDPOINTS)?))
+                .map_err(oerr(map_names::ENDPOINTS))?;
+        let nodes: HashMap<MapData, [u8; 4], NodeValue> =
+            HashMap::try_from(Map::HashMap(open(root, map_names::NODES)?))
+                .map_err(oerr(map_names::NODES))?;
+        let mut applied = Desired::default();
+        for (k, v) in routes.iter().flatten() {
+            applied.routes.insert((k.prefix_len(), k.data()), v);
+        }
+        for (k, v) in endpoints.iter().flatten() {
+            applied.endpoints.insert(k, v);
+        }
+        for (k, v) in nodes.iter().flatten() {
+            applied.nodes.insert(k, v);
+        }
+        Ok(Self {
+            routes,
+            endpoints,
+            nodes,
+            applied,
+        })
+    }
+
+    /// Makes the maps hold `desired`, touching only entries that differ. New and changed
+    /// entries are written before stale ones are removed, so a destination never disappears
+    /// in between.
+    pub fn apply(&mut self, desired: Desired) -> Result<Changes, SyncError> {
+        let mut c = Changes::default();
+        for (&(plen, addr), v) in &desired.routes {
+            if self.applied.routes.get(&(plen, addr)) != Some(v) {
+                self.routes
+                    .insert(&Key::new(plen, addr), *v, 0)
+                    .map_err(werr(map_names::ROUTES))?;
+                c.written += 1;
+            }
+        }
+        for (&k, v) in &desired.endpoints {
+            if self.applied.endpoints.get(&k) != Some(v) {
+                self.endpoints
+                    .insert(k, *v, 0)
+                    .map_err(werr(map_names::ENDPOINTS))?;
+                c.written += 1;
+            }
+        }
+        for (&k, v) in &desired.nodes {
+            if self.applied.nodes.get(&k) != Some(v) {
+                self.nodes
+                    .insert(k, *v, 0)
+                    .map_err(werr(map_names::NODES))?;
+                c.written += 1;
+            }
+        }
+        for &(plen, addr) in self.applied.routes.keys() {
+            if !desired.routes.contains_key(&(plen, addr)) {
+                remove_ok(self.routes.remove(&Key::new(plen, addr)))
+                    .map_err(werr(map_names::ROUTES))?;
+                c.removed += 1;
+            }
+        }
+        for k in self.applied.endpoints.keys() {
+            if !desired.endpoints.contains_key(k) {
+                remove_ok(self.endpoints.remove(k)).map_err(werr(map_names::ENDPOINTS))?;
+                c.removed += 1;
+            }
+        }
+        for k in self.applied.nodes.keys() {
+            if !desired.nodes.contains_key(k) {
+                remove_ok(self.nodes.remove(k)).map_err(werr(map_names::NODES))?;
+                c.removed += 1;
+            }
+        }
+        self.applied = desired;
+        Ok(c)
+    }
+}
+
+/// A removal of an entry that is already gone is not an error.
+fn remove_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+/// Lists, applies, then follows the watch, until the watch is lost.
+async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(), SyncError> {
+    let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
+    let mut model = Model::default();
+    for e in &entries {
+        model.apply(&e.key, Some(&e.value));
+    }
+    let c = writer.apply(model.desired(me, ifindex))?;
+    info!(
+        revision,
+        entries = entries.len(),
+        written = c.written,
+        removed = c.removed,
+        "maps in sync with etcd"
+    );
+    let mut watch = ds.watch(PREFIX, revision + 1).await.map_err(Box::new)?;
+    while let Some((events, revision)) = watch.next().await.map_err(Box::new)? {
+        if events.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        for e in &events {
+            model.apply(&e.key, e.value.as_deref());
+        }
+        let c = writer.apply(model.desired(me, ifindex))?;
+        debug!(revision, events = events.len(), written = c.written, removed = c.removed, took = ?started.elapsed(), "applied");
+    }
+    Ok(())
+}
+
+/// Keeps the maps in step with etcd for node `me`, forever: on any error (etcd down, watch
+/// compacted, a map write refused) it logs, waits, and starts over from a fresh list. The
+/// maps keep their last state meanwhile.
+pub async fn run(ds: Datastore, me: String, mut writer: MapWriter) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match sync_once(&ds, &me, &mut writer).await {
+            Ok(()) => info!("etcd closed the watch; re-listing"),
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), retry_in = ?delay, "datastore sync interrupted")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn put(m: &mut Model, key: &str, v: serde_json::Value) {
+        m.apply(key, Some(v.to_string().as_bytes()));
+    }
+
+    fn model(mode: &str) -> Model {
+        let mut m = Model::default();
+        put(
+            &mut m,
+            "/calico/resources/v3/projectcalico.org/ippools/p",
+            json!({"spec": {"cidr": "10.65.0.0/16", "ipipMode": mode, "natOutgoing": true}}),
+        );
+        for (n, a) in [
+            ("node-1", "192.168.1.10/24"),
+            ("node-2", "192.168.1.11/24"),
+            ("node-3", "192.168.2.10/24"),
+        ] {
+            put(
+                &mut m,
+                &format!("/calico/resources/v3/projectcalico.org/nodes/{n}"),
+                json!({"spec": {"bgp": {"ipv4Address": a}}}),
+            );
+        }
+        for (b, n) in [
+            ("10.65.0.0-26", "node-1"),
+            ("10.65.0.64-26", "node-2"),
+            ("10.65.0.128-26", "node-3"),
+        ] {
+            put(
+                &mut m,
+                &format!("/calico/ipam/v2/assignment/ipv4/block/{b}"),
+                json!({"cidr": b.replace('-', "/"), "affinity": format!("host:{n}"), "allocations": [], "unallocated": []}),
+            );
+        }
+        put(
+            &mut m,
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-a-eth0",
+            json!({"metadata": {"name": "x"}, "spec": {"node": "node-1", "interfaceName": "caliaaa", "mac": "02:00:00:00:00:01", "ipNetworks": ["10.65.0.2/32"]}}),
+        );
+        m
+    }
+
+    fn remote(d: &Desired, net: &str) -> RouteValue {
+        let n: Ipv4Net = net.parse().unwrap();
+        d.routes[&(u32::from(n.prefix_len()), n.addr().octets())]
+    }
+
+    #[test]
+    fn routes_follow_the_pool_mode() {
+        for (mode, to_same, to_other) in [
+            ("Always", true, true),
+            ("CrossSubnet", false, true),
+            ("Never", false, false),
+        ] {
+            let d = model(mode).desired("node-1", |n| (n == "caliaaa").then_some(7));
+            let same = remote(&d, "10.65.0.64/26");
+            let other = remote(&d, "10.65.0.128/26");
+            assert_eq!(same.kind, route_kind::REMOTE_BLOCK);
+            assert_eq!(same.next_hop, [192, 168, 1, 11]);
+            assert_eq!(
+                same.flags & route_flags::IPIP != 0,
+                to_same,
+                "{mode} same subnet"
+            );
+            assert_eq!(
+                other.flags & route_flags::IPIP != 0,
+                to_other,
+                "{mode} other subnet"
+            );
+            assert!(same.flags & route_flags::SAME_SUBNET != 0);
+            assert!(other.flags & route_flags::SAME_SUBNET == 0);
+            let local = remote(&d, "10.65.0.2/32");
+            assert_eq!(
+                (local.kind, local.ifindex, local.mac),
+                (route_kind::LOCAL_WORKLOAD, 7, [2, 0, 0, 0, 0, 1])
+            );
+            assert_eq!(d.endpoints[&7].ip, [10, 65, 0, 2]);
+            assert!(
+                !d.routes.contains_key(&(26, [10, 65, 0, 0])),
+                "no route to our own block"
+            );
+            assert_eq!(d.nodes.len(), 2);
+        }
+    }
+
+    #[test]
+    fn deletes_and_corrupt_values() {
+        let mut m = model("Always");
+        m.apply("/calico/ipam/v2/assignment/ipv4/block/10.65.0.64-26", None);
+        m.apply(
+            "/calico/resources/v3/projectcalico.org/nodes/node-3",
+            Some(b"{not json"),
+        );
+        let d = m.desired("node-1", |_| Some(7));
+        assert!(!d.routes.contains_key(&(26, [10, 65, 0, 64])));
+        // The corrupt update left node-3 as it was.
+        assert!(d.routes.contains_key(&(26, [10, 65, 0, 128])));
+        m.apply(
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-a-eth0",
+            None,
+        );
+        let d = m.desired("node-1", |_| Some(7));
+        assert!(d.endpoints.is_empty());
+    }
+}
