@@ -11,6 +11,7 @@ pub mod map_names {
     pub const ROUTES: &str = "DP_ROUTES";
     pub const ENDPOINTS: &str = "DP_ENDPOINTS";
     pub const NODES: &str = "DP_NODES";
+    pub const CONFIG: &str = "DP_CONFIG";
 }
 
 /// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
@@ -220,6 +221,19 @@ impl Default for Counters {
     }
 }
 
+/// This node's settings, the single entry (index 0) of the config array, written by the agent.
+/// All zero until the agent has written it: the programs then only count and pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// This node's address on the fabric, network order: the outer source of IP-in-IP and the
+    /// outer destination accepted for decapsulation.
+    pub node_ip: [u8; 4],
+    /// The host NIC toward the fabric.
+    pub host_ifindex: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -244,4 +258,6 @@ mod user {
     unsafe impl aya::Pod for EndpointValue {}
     // SAFETY: as for RouteValue.
     unsafe impl aya::Pod for NodeValue {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for NodeConfig {}
 }

@@ -4,16 +4,20 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod counters;
+mod forward;
+mod ipip;
+mod packet;
+mod redirect;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
-    btf_maps::{HashMap, LpmTrie, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use dataplane_common::{
     CounterKey, Counters, EndpointValue, MAX_COUNTER_KEYS, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-    NodeValue, RouteValue, counter, hook,
+    NodeConfig, NodeValue, RouteValue, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
@@ -34,38 +38,46 @@ static DP_ENDPOINTS: HashMap<u32, EndpointValue, { MAX_ENDPOINTS as usize }> = H
 #[btf_map]
 static DP_NODES: HashMap<[u8; 4], NodeValue, { MAX_NODES as usize }> = HashMap::new();
 
+/// This node's address and host NIC (index 0). Written by the agent at start.
+#[btf_map]
+static DP_CONFIG: Array<NodeConfig, 1> = Array::new();
+
 /// TC ingress of a `cali*` veth: what the pod sends.
 #[classifier]
-pub fn from_workload(ctx: TcContext) -> i32 {
-    run(&ctx, hook::FROM_WORKLOAD)
+pub fn from_workload(mut ctx: TcContext) -> i32 {
+    let stats = account(&ctx, hook::FROM_WORKLOAD);
+    forward::from_workload(&mut ctx, &stats)
 }
 
 /// TC egress of a `cali*` veth: what is about to enter the pod.
 #[classifier]
 pub fn to_workload(ctx: TcContext) -> i32 {
-    run(&ctx, hook::TO_WORKLOAD)
+    let stats = account(&ctx, hook::TO_WORKLOAD);
+    stats.add(counter::PASSED, 1);
+    TC_ACT_OK
 }
 
 /// TC ingress of the host NIC: what arrives from the fabric.
 #[classifier]
-pub fn host_ingress(ctx: TcContext) -> i32 {
-    run(&ctx, hook::HOST_INGRESS)
+pub fn host_ingress(mut ctx: TcContext) -> i32 {
+    let stats = account(&ctx, hook::HOST_INGRESS);
+    forward::host_ingress(&mut ctx, &stats)
 }
 
 /// TC egress of the host NIC: what leaves for the fabric.
 #[classifier]
-pub fn host_egress(ctx: TcContext) -> i32 {
-    run(&ctx, hook::HOST_EGRESS)
+pub fn host_egress(mut ctx: TcContext) -> i32 {
+    let stats = account(&ctx, hook::HOST_EGRESS);
+    forward::host_egress(&mut ctx, &stats)
 }
 
-/// Common path of every hook, for now: account the packet and hand it to the kernel.
+/// Counts the packet and its bytes for this interface and hook, and returns its counters.
 #[inline(always)]
-fn run(ctx: &TcContext, hook: u8) -> i32 {
+fn account(ctx: &TcContext, hook: u8) -> counters::Stats {
     let stats = counters::Stats::get(&DP_COUNTERS, ctx, hook);
     stats.add(counter::PACKETS, 1);
     stats.add(counter::BYTES, u64::from(ctx.len()));
-    stats.add(counter::PASSED, 1);
-    TC_ACT_OK
+    stats
 }
 
 #[cfg(all(target_arch = "bpf", not(test)))]

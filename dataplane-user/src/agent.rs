@@ -33,6 +33,8 @@ pub enum AgentError {
     Datastore(#[from] Box<crate::datastore::DatastoreError>),
     #[error(transparent)]
     Sync(#[from] Box<crate::sync::SyncError>),
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +169,14 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         Some((ds, writer))
     };
     let host_addr = netlink::ipv4_of(host_ifindex).await?;
+    let node_ip = host_addr.map_or([0; 4], |a| a.addr().octets());
+    crate::maps::write_config(
+        pins.root(),
+        dataplane_common::NodeConfig {
+            node_ip,
+            host_ifindex,
+        },
+    )?;
     let (links, mut events) = netlink::watch_links().await?;
     let mut state = Attached {
         programs,

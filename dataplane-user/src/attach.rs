@@ -105,11 +105,12 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 4] = [
+const PINNED_MAPS: [&str; 5] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
     map_names::NODES,
+    map_names::CONFIG,
 ];
 
 /// The programs of one interface, attached through pinned TCX links.

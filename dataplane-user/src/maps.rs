@@ -3,8 +3,10 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
-use dataplane_common::{CounterKey, Counters, EndpointValue, RouteValue, counter, map_names};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use dataplane_common::{
+    CounterKey, Counters, EndpointValue, NodeConfig, RouteValue, counter, map_names,
+};
 
 use crate::bpffs;
 
@@ -98,4 +100,15 @@ pub fn read_endpoints(root: &Path) -> Result<BTreeMap<u32, EndpointValue>, MapsE
         out.insert(k, v);
     }
     Ok(out)
+}
+
+/// Writes this node's settings (address, host NIC) into the config map.
+pub fn write_config(root: &Path, cfg: NodeConfig) -> Result<(), MapsError> {
+    let err = |source| MapsError::Read {
+        name: map_names::CONFIG,
+        source,
+    };
+    let mut map: Array<MapData, NodeConfig> =
+        Array::try_from(Map::Array(open_pinned(root, map_names::CONFIG)?)).map_err(err)?;
+    map.set(0, cfg, 0).map_err(err)
 }

@@ -7,6 +7,7 @@ use dataplane_common::{counter, hook};
 use dataplane_tests::{packets::*, require_root};
 
 const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
 /// BPF_PROG_TEST_RUN runs skb programs as if on the loopback device of the caller's namespace.
 const TEST_RUN_IFINDEX: u32 = 1;
 
@@ -50,7 +51,7 @@ fn root_every_program_passes_and_counts_an_ipv4_udp_packet_untouched() {
 }
 
 #[test]
-fn root_frames_shorter_than_their_headers_claim_are_handled() {
+fn root_frames_shorter_than_their_headers_claim_are_dropped_and_counted() {
     // The kernel refuses to test-run an IPv4 frame with less than 20 bytes of IP header, so
     // the shortest frames it can hand a program are: an IPv4 header whose IHL claims options
     // that are not there, and one whose total length exceeds the frame.
@@ -63,12 +64,12 @@ fn root_frames_shorter_than_their_headers_claim_are_handled() {
     total_lies.extend(ipv4(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 17, 1000, 64));
     for pkt in [&ihl_lies, &total_lies] {
         let r = obj.run("from_workload", pkt);
-        assert_eq!(r.return_value, TC_ACT_OK);
+        assert_eq!(r.return_value, TC_ACT_SHOT);
     }
-    assert_eq!(
-        obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD)[counter::PACKETS],
-        2
-    );
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD);
+    assert_eq!(c[counter::PACKETS], 2);
+    assert_eq!(c[counter::DROP_MALFORMED], 2);
+    assert_eq!(c[counter::PASSED], 0);
 }
 
 #[test]

@@ -1,0 +1,218 @@
+//! Where each packet goes: local pods by redirect, remote pods natively or in IP-in-IP out of
+//! the host NIC, everything else to the kernel stack. Every outcome is counted; every drop by
+//! its reason.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use dataplane_common::{NodeConfig, RouteValue, counter, route_flags, route_kind};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    DP_CONFIG, DP_ENDPOINTS, DP_NODES, DP_ROUTES,
+    counters::Stats,
+    ipip,
+    packet::{self, Frame, IPPROTO_IPIP},
+    redirect,
+};
+
+/// skb mark bit of a packet host-egress has already steered out of this same device.
+const MARK_STEERED: u32 = 0x0200_0000;
+
+#[inline(always)]
+fn route(dst: [u8; 4]) -> Option<RouteValue> {
+    DP_ROUTES.get(&Key::new(32, dst)).copied()
+}
+
+/// This node's settings, once the agent has written them.
+#[inline(always)]
+fn config() -> Option<NodeConfig> {
+    DP_CONFIG.get(0).copied().filter(|c| c.host_ifindex != 0)
+}
+
+#[inline(always)]
+fn pass(stats: &Stats) -> i32 {
+    stats.add(counter::PASSED, 1);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn drop(stats: &Stats, reason: usize) -> i32 {
+    stats.add(reason, 1);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn redirected(stats: &Stats, verdict: i32, outcome: usize) -> i32 {
+    if redirect::redirected(verdict) {
+        stats.add(outcome, 1);
+        verdict
+    } else {
+        drop(stats, counter::DROP_INTERNAL)
+    }
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to the program.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to the program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Hands an IPv4 packet to a pod on this node: routed (TTL), addressed to the pod's MAC, and
+/// sent out of its host veth, whose egress program (to-workload) then sees it.
+#[inline(always)]
+fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
+    if packet::decrement_ttl(ctx, ip).is_err() {
+        return pass(stats);
+    }
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return drop(stats, counter::DROP_MALFORMED);
+    };
+    if packet::set_macs(ctx, &r.mac, &eth.dst_addr).is_err() {
+        return drop(stats, counter::DROP_INTERNAL);
+    }
+    redirected(stats, redirect::to_egress(r.ifindex), counter::REDIRECTED)
+}
+
+/// Sends a pod's packet toward the node that hosts its destination.
+#[inline(always)]
+fn to_remote(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
+    let Some(cfg) = config() else {
+        return pass(stats);
+    };
+    if packet::decrement_ttl(ctx, ip).is_err() {
+        return pass(stats);
+    }
+    if r.flags & route_flags::IPIP != 0 {
+        if ipip::encap(ctx, ip, cfg.node_ip, r.next_hop).is_err() {
+            return drop(stats, counter::DROP_TOO_BIG);
+        }
+        // The outer destination may sit behind a router: let the FIB choose the next hop.
+        return redirected(
+            stats,
+            redirect::via_neighbour(cfg.host_ifindex, None),
+            counter::ENCAPSULATED,
+        );
+    }
+    if r.flags & route_flags::SAME_SUBNET != 0 {
+        return redirected(
+            stats,
+            redirect::via_neighbour(cfg.host_ifindex, Some(r.next_hop)),
+            counter::REDIRECTED,
+        );
+    }
+    // Native routing across subnets needs the fabric to know pod routes: the kernel decides.
+    pass(stats)
+}
+
+/// TC ingress of a pod's veth.
+#[inline(always)]
+pub fn from_workload(ctx: &mut TcContext, stats: &Stats) -> i32 {
+    let ip = match packet::parse(ctx) {
+        Err(()) => return drop(stats, counter::DROP_MALFORMED),
+        Ok(Frame::Other) => return pass(stats),
+        Ok(Frame::Ipv4(ip)) => ip,
+    };
+    // SAFETY: the value is copied out at once; the map is only written by userspace.
+    if let Some(ep) = unsafe { DP_ENDPOINTS.get(ifindex(ctx)) }
+        && ep.ip != ip.src_addr
+    {
+        return drop(stats, counter::DROP_SPOOFED_SOURCE);
+    }
+    match route(ip.dst_addr) {
+        Some(r) if r.kind == route_kind::LOCAL_WORKLOAD => deliver_local(ctx, stats, &ip, &r),
+        Some(r) if r.kind == route_kind::REMOTE_BLOCK => to_remote(ctx, stats, &ip, &r),
+        _ => pass(stats),
+    }
+}
+
+/// TC ingress of the host NIC.
+#[inline(always)]
+pub fn host_ingress(ctx: &mut TcContext, stats: &Stats) -> i32 {
+    let ip = match packet::parse(ctx) {
+        Err(()) => return drop(stats, counter::DROP_MALFORMED),
+        Ok(Frame::Other) => return pass(stats),
+        Ok(Frame::Ipv4(ip)) => ip,
+    };
+    let inner = if ip.proto == IPPROTO_IPIP {
+        let Some(cfg) = config() else {
+            return pass(stats);
+        };
+        if ip.dst_addr != cfg.node_ip {
+            return pass(stats);
+        }
+        // SAFETY: the value is only tested for presence.
+        if unsafe { DP_NODES.get(ip.src_addr) }.is_none() {
+            return drop(stats, counter::DROP_UNKNOWN_IPIP_PEER);
+        }
+        if ipip::decap(ctx).is_err() {
+            return drop(stats, counter::DROP_MALFORMED);
+        }
+        stats.add(counter::DECAPSULATED, 1);
+        match packet::parse(ctx) {
+            Ok(Frame::Ipv4(inner)) => inner,
+            _ => return drop(stats, counter::DROP_MALFORMED),
+        }
+    } else {
+        ip
+    };
+    match route(inner.dst_addr) {
+        Some(r) if r.kind == route_kind::LOCAL_WORKLOAD => deliver_local(ctx, stats, &inner, &r),
+        _ => pass(stats),
+    }
+}
+
+/// TC egress of the host NIC: what the node itself sends to remote pods goes in IP-in-IP
+/// like pod traffic.
+#[inline(always)]
+pub fn host_egress(ctx: &mut TcContext, stats: &Stats) -> i32 {
+    let ip = match packet::parse(ctx) {
+        Err(()) => return pass(stats),
+        Ok(Frame::Other) => return pass(stats),
+        Ok(Frame::Ipv4(ip)) => ip,
+    };
+    let Some(cfg) = config() else {
+        return pass(stats);
+    };
+    // A local pod's packet was already steered by from-workload, and a packet this hook
+    // redirected to this same device comes through again (marked): only the node's own,
+    // not yet handled traffic is ours here.
+    if mark(ctx) & MARK_STEERED != 0
+        || route(ip.src_addr).is_some_and(|r| r.kind == route_kind::LOCAL_WORKLOAD)
+    {
+        return pass(stats);
+    }
+    match route(ip.dst_addr) {
+        Some(r) if r.kind == route_kind::REMOTE_BLOCK && r.flags & route_flags::IPIP != 0 => {
+            if ipip::encap(ctx, &ip, cfg.node_ip, r.next_hop).is_err() {
+                return drop(stats, counter::DROP_TOO_BIG);
+            }
+            redirected(
+                stats,
+                redirect::via_neighbour(cfg.host_ifindex, None),
+                counter::ENCAPSULATED,
+            )
+        }
+        // Native to a node on our subnet: the kernel would follow its own routes (the default
+        // route, say); the pod's node is the next hop.
+        Some(r)
+            if r.kind == route_kind::REMOTE_BLOCK && r.flags & route_flags::SAME_SUBNET != 0 =>
+        {
+            ctx.set_mark(mark(ctx) | MARK_STEERED);
+            redirected(
+                stats,
+                redirect::via_neighbour(cfg.host_ifindex, Some(r.next_hop)),
+                counter::REDIRECTED,
+            )
+        }
+        _ => pass(stats),
+    }
+}
