@@ -5,10 +5,12 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use dataplane_common::{CounterKey, Counters, counter, map_names};
+use dataplane_common::{
+    CounterKey, Counters, EndpointValue, NodeConfig, NodeValue, RouteValue, counter, map_names,
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
@@ -111,6 +113,49 @@ impl TestObject {
             return_value: result.return_value as i32,
             data: out,
         }
+    }
+
+    /// Sets this node's address and host NIC in the config map.
+    pub fn set_config(&mut self, node_ip: Ipv4Addr, host_ifindex: u32) {
+        let mut m: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        m.set(
+            0,
+            NodeConfig {
+                node_ip: node_ip.octets(),
+                host_ifindex,
+            },
+            0,
+        )
+        .unwrap();
+    }
+
+    pub fn add_route(&mut self, addr: Ipv4Addr, prefix: u32, route: RouteValue) {
+        let mut m: LpmTrie<&mut MapData, [u8; 4], RouteValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
+        m.insert(&Key::new(prefix, addr.octets()), route, 0)
+            .unwrap();
+    }
+
+    pub fn add_node(&mut self, addr: Ipv4Addr) {
+        let mut m: HashMap<&mut MapData, [u8; 4], NodeValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::NODES).unwrap()).unwrap();
+        m.insert(addr.octets(), NodeValue::default(), 0).unwrap();
+    }
+
+    pub fn add_endpoint(&mut self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) {
+        let mut m: HashMap<&mut MapData, u32, EndpointValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
+        m.insert(
+            ifindex,
+            EndpointValue {
+                ip: ip.octets(),
+                mac,
+                flags: 0,
+            },
+            0,
+        )
+        .unwrap();
     }
 
     /// The counters of (ifindex, hook), summed over CPUs.

@@ -89,3 +89,137 @@ fn root_programs_are_tc_classifiers_for_the_right_hooks() {
         ]
     );
 }
+
+const TC_ACT_REDIRECT: i32 = 7;
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 10);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 2);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 130);
+const POD_MAC: [u8; 6] = [0x0e, 1, 2, 3, 4, 5];
+
+/// A test object set up as node 192.168.1.10 with a local pod 10.65.0.2 on ifindex 1 (the
+/// ifindex test runs see) and node 192.168.2.10 owning 10.65.0.128/26 in IP-in-IP.
+fn node_object() -> TestObject {
+    use dataplane_common::{RouteValue, route_flags, route_kind};
+    let mut obj = TestObject::load();
+    obj.set_config(NODE, 1);
+    obj.add_node(PEER);
+    obj.add_route(
+        Ipv4Addr::new(10, 65, 0, 128),
+        26,
+        RouteValue {
+            kind: route_kind::REMOTE_BLOCK,
+            flags: route_flags::IPIP,
+            next_hop: PEER.octets(),
+            ..RouteValue::default()
+        },
+    );
+    obj.add_route(
+        POD,
+        32,
+        RouteValue {
+            kind: route_kind::LOCAL_WORKLOAD,
+            ifindex: 1,
+            mac: POD_MAC,
+            ..RouteValue::default()
+        },
+    );
+    obj
+}
+
+#[test]
+fn root_encapsulation_builds_the_outer_header_byte_by_byte() {
+    require_root();
+    let obj = node_object();
+    let pkt = udp_frame(POD, REMOTE_POD, b"payload!");
+    let r = obj.run("from_workload", &pkt);
+    assert_eq!(r.return_value, TC_ACT_REDIRECT);
+    let out = &r.data;
+    assert_eq!(out.len(), pkt.len() + 20, "20 bytes of outer header");
+    assert_eq!(&out[12..14], &ETH_P_IP.to_be_bytes());
+    let outer = &out[14..34];
+    assert_eq!(outer[0], 0x45, "version 4, IHL 5");
+    assert_eq!(
+        u16::from_be_bytes([outer[2], outer[3]]) as usize,
+        pkt.len() - 14 + 20,
+        "total length"
+    );
+    assert_eq!(outer[6] & 0x40, 0x40, "DF copied from the inner packet");
+    assert_eq!(outer[8], 64, "outer TTL");
+    assert_eq!(outer[9], 4, "protocol IP-in-IP");
+    assert_eq!(&outer[12..16], &NODE.octets(), "outer source: this node");
+    assert_eq!(
+        &outer[16..20],
+        &PEER.octets(),
+        "outer destination: the owning node"
+    );
+    assert_eq!(checksum(outer), 0, "outer checksum verifies");
+    // The inner packet: only the TTL went down (and its checksum with it).
+    let inner = &out[34..];
+    let orig = &pkt[14..];
+    assert_eq!(inner[8], orig[8] - 1, "inner TTL decremented");
+    assert_eq!(checksum(&inner[..20]), 0, "inner checksum still verifies");
+    assert_eq!(&inner[..8], &orig[..8]);
+    assert_eq!(&inner[9..10], &orig[9..10]);
+    assert_eq!(&inner[12..], &orig[12..], "addresses and payload untouched");
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD);
+    assert_eq!(c[counter::ENCAPSULATED], 1);
+}
+
+/// An IP-in-IP frame from `outer_src` to this node carrying `inner`.
+fn ipip_frame(outer_src: Ipv4Addr, inner_ip: &[u8]) -> Vec<u8> {
+    let mut f = eth([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 8], ETH_P_IP);
+    f.extend(ipv4(outer_src, NODE, 4, inner_ip.len(), 64));
+    f.extend_from_slice(inner_ip);
+    f
+}
+
+#[test]
+fn root_decapsulation_from_a_known_node_delivers_the_inner_packet() {
+    require_root();
+    let obj = node_object();
+    let inner = udp_frame(REMOTE_POD, POD, b"reply")[14..].to_vec();
+    let r = obj.run("host_ingress", &ipip_frame(PEER, &inner));
+    assert_eq!(r.return_value, TC_ACT_REDIRECT);
+    assert_eq!(r.data.len(), 14 + inner.len(), "outer header removed");
+    assert_eq!(&r.data[0..6], &POD_MAC, "addressed to the pod");
+    let got = &r.data[14..];
+    assert_eq!(got[8], inner[8] - 1, "TTL decremented");
+    assert_eq!(checksum(&got[..20]), 0);
+    assert_eq!(&got[12..], &inner[12..], "addresses and payload untouched");
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::HOST_INGRESS);
+    assert_eq!((c[counter::DECAPSULATED], c[counter::REDIRECTED]), (1, 1));
+}
+
+#[test]
+fn root_ipip_from_a_host_that_is_not_a_node_is_dropped_and_counted() {
+    require_root();
+    let obj = node_object();
+    let inner = udp_frame(REMOTE_POD, POD, b"evil")[14..].to_vec();
+    let r = obj.run(
+        "host_ingress",
+        &ipip_frame(Ipv4Addr::new(192, 168, 1, 66), &inner),
+    );
+    assert_eq!(r.return_value, TC_ACT_SHOT);
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::HOST_INGRESS);
+    assert_eq!(c[counter::DROP_UNKNOWN_IPIP_PEER], 1);
+}
+
+#[test]
+fn root_a_pod_sending_from_a_forged_address_is_dropped_and_counted() {
+    require_root();
+    let mut obj = node_object();
+    obj.add_endpoint(TEST_RUN_IFINDEX, POD, POD_MAC);
+    let forged = udp_frame(Ipv4Addr::new(10, 65, 0, 99), REMOTE_POD, b"x");
+    assert_eq!(obj.run("from_workload", &forged).return_value, TC_ACT_SHOT);
+    let honest = udp_frame(POD, REMOTE_POD, b"x");
+    assert_eq!(
+        obj.run("from_workload", &honest).return_value,
+        TC_ACT_REDIRECT
+    );
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD);
+    assert_eq!(
+        (c[counter::DROP_SPOOFED_SOURCE], c[counter::ENCAPSULATED]),
+        (1, 1)
+    );
+}
