@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod cni;
 pub mod netns;
 pub mod packets;
+pub mod traffic;
 
 pub use cluster::{
     Agent, Cluster, Etcd, Fabric, Node, PinDirGuard, Pod, Router, dataplane, dataplane_bin,

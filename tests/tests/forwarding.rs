@@ -3,288 +3,22 @@
 //! for each pool mode. Every pod reaches every other pod over ICMP, TCP and UDP, nodes reach
 //! pods, and a capture on the fabric shows IP-in-IP exactly where the mode says.
 
-use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
-    process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use dataplane_tests::{
-    Agent, ChildGuard, Cluster, PinDirGuard,
-    cni::{PluginDir, Sandbox, cni, dataplane_conf},
-    dataplane, require_root, wait_attached,
+    require_root,
+    traffic::{Deployment, Pod, Servers, capture, inner_pair, ping, tcp_echo, udp_echo},
 };
-
-struct Pod {
-    node: usize,
-    sb: Sandbox,
-    ip: Ipv4Addr,
-}
-
-/// A TCP echo and a UDP echo server on port 7000 inside a pod, stopped on drop.
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Servers {
-    fn start(pod: &Pod) -> Self {
-        let (tcp, udp) = pod.sb.ns.run(|| {
-            (
-                TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap(),
-                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap(),
-            )
-        });
-        tcp.set_nonblocking(true).unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s1 = stop.clone();
-        let t1 = std::thread::spawn(move || {
-            while !s1.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((mut c, _)) => {
-                        c.set_nonblocking(false).unwrap();
-                        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                        let mut buf = [0u8; 64];
-                        if let Ok(n) = c.read(&mut buf) {
-                            let _sent = c.write_all(&buf[..n]);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        let s2 = stop.clone();
-        let t2 = std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !s2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                    let _sent = udp.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self {
-            stop,
-            threads: vec![t1, t2],
-        }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _joined = t.join();
-        }
-    }
-}
-
-fn tcp_echo(from: &Pod, to: Ipv4Addr) -> bool {
-    from.sb.ns.run(|| {
-        let Ok(mut s) = TcpStream::connect_timeout(&(to, 7000).into(), Duration::from_secs(2))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 5];
-        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
-    })
-}
-
-fn udp_echo(from: &Pod, to: Ipv4Addr) -> bool {
-    from.sb.ns.run(|| {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(700)))
-            .unwrap();
-        let mut buf = [0u8; 8];
-        (0..3).any(|_| {
-            s.send_to(b"ping", (to, 7000)).is_ok()
-                && s.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"ping")
-        })
-    })
-}
-
-fn ping(ns: &dataplane_tests::Netns, to: Ipv4Addr) -> bool {
-    let status = ns
-        .command("ping")
-        .args(["-c", "1", "-W", "2", &to.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    status.is_ok_and(|s| s.success())
-}
-
-/// tcpdump on every port of the fabric, printing IP-in-IP packets.
-fn capture(cluster: &Cluster) -> (ChildGuard, std::sync::mpsc::Receiver<String>) {
-    let mut child = cluster
-        .fabric
-        .ns
-        .command("tcpdump")
-        .args(["-i", "any", "-nn", "-l", "-Q", "in", "ip proto 4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ready = ready_tx.send(());
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("tcpdump did not start");
-    (ChildGuard::new(child, "tcpdump"), rx)
-}
-
-/// The inner (source, destination) of a tcpdump line of an IP-in-IP packet:
-/// `… IP 192.168.1.10 > 192.168.1.11: IP 10.65.0.0.48796 > 10.65.0.64.7000: Flags …`.
-fn inner_pair(line: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let inner = line.split(": IP ").nth(1)?;
-    let mut words = inner.split_whitespace();
-    let addr = |w: &str| -> Option<Ipv4Addr> {
-        let w = w.trim_end_matches(':');
-        let parts: Vec<&str> = w.split('.').take(4).collect();
-        parts.join(".").parse().ok()
-    };
-    let src = addr(words.next()?)?;
-    let _arrow = words.next()?;
-    let dst = addr(words.next()?)?;
-    Some((src, dst))
-}
-
-#[test]
-fn tcpdump_lines_give_the_inner_pair() {
-    let l = "18:59:22.870182 p4 P IP 192.168.1.11 > 192.168.2.10: IP 10.65.0.64 > 10.65.0.128: ICMP echo request";
-    assert_eq!(
-        inner_pair(l),
-        Some((Ipv4Addr::new(10, 65, 0, 64), Ipv4Addr::new(10, 65, 0, 128)))
-    );
-    let l = "x P IP 192.168.1.10 > 192.168.2.10: IP 10.65.0.0.48796 > 10.65.0.1.7000: Flags [S]";
-    assert_eq!(
-        inner_pair(l),
-        Some((Ipv4Addr::new(10, 65, 0, 0), Ipv4Addr::new(10, 65, 0, 1)))
-    );
-}
 
 fn run_mode(mode: &str) {
     require_root();
-    let cluster = Cluster::new(&[1, 1, 2], true);
-    let etcd = cluster.etcd.as_ref().unwrap().endpoint();
-    let dir = tempfile::tempdir().unwrap();
-    let pool = dir.path().join("pool.yaml");
-    std::fs::write(
-        &pool,
-        format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: 10.65.0.0/16, ipipMode: {mode}, natOutgoing: true}}\n"),
-    )
-    .unwrap();
-    let n1 = &cluster.nodes[0];
-    let (ok, _, err) = dataplane(
-        &n1.ns,
-        &[
-            "ctl",
-            "--etcd-endpoints",
-            &etcd,
-            "apply",
-            "-f",
-            &pool.display().to_string(),
-        ],
-    );
-    assert!(ok.success(), "{err}");
-
-    let pins: Vec<PinDirGuard> = cluster.nodes.iter().map(|_| PinDirGuard::new()).collect();
-    let mut agents: Vec<Agent> = cluster
-        .nodes
-        .iter()
-        .zip(&pins)
-        .map(|(n, p)| Agent::start(n, p, cluster.etcd.as_ref(), &[]))
-        .collect();
-    for (n, a) in cluster.nodes.iter().zip(agents.iter_mut()) {
-        wait_attached(&n.ns, "eth0", a, Duration::from_secs(20));
-    }
-    let plugins = PluginDir::new();
-    let mut pods = Vec::new();
-    for (i, node) in cluster.nodes.iter().enumerate() {
-        for k in 0..2 {
-            let sb = Sandbox::new(node, "default", &format!("{}-{k}", node.name));
-            let conf = dataplane_conf("1.0.0", &etcd, &node.name);
-            let r = cni(node, &plugins, "ADD", &sb, &conf).ok();
-            let ip = r["ips"][0]["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            pods.push(Pod { node: i, sb, ip });
-        }
-    }
-    if mode == "Never" {
-        // Native routing across subnets needs the fabric to know where pod blocks are (BGP in
-        // a real cluster): tell the router.
-        for p in &pods {
-            let block = Ipv4Addr::from(u32::from(p.ip) & !63);
-            let via = cluster.nodes[p.node].ip.to_string();
-            let out = dataplane_tests::netns::output(cluster.router.ns.command("ip").args([
-                "route",
-                "replace",
-                &format!("{block}/26"),
-                "via",
-                &via,
-            ]));
-            assert!(out.status.success());
-        }
-    }
-    // Every node's routes must know the other nodes' blocks before traffic starts.
-    for (i, node) in cluster.nodes.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let dir = pins[i].path.display().to_string();
-            let (_, out, _) = dataplane(
-                &node.ns,
-                &["map-dump", "routes", "--json", "--bpffs-dir", &dir],
-            );
-            let rows: Vec<dataplane::dump::RouteRow> =
-                serde_json::from_str(&out).unwrap_or_default();
-            let remote = rows.iter().filter(|r| r.kind == "remote block").count();
-            let local = rows.iter().filter(|r| r.kind == "local workload").count();
-            if remote == 2 && local == 2 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: routes not synced: {out}\n{}",
-                node.name,
-                agents[i].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
+    let d = Deployment::start(mode, 2);
+    let (cluster, pods) = (&d.cluster, &d.pods);
     let servers: Vec<Servers> = pods.iter().map(Servers::start).collect();
-    let (_tcpdump, lines) = capture(&cluster);
+    let (_tcpdump, lines) = capture(cluster);
     let mut failures = Vec::new();
-    for a in &pods {
-        for b in &pods {
+    for a in pods {
+        for b in pods {
             if std::ptr::eq(a, b) {
                 continue;
             }
@@ -304,7 +38,7 @@ fn run_mode(mode: &str) {
         }
     }
     for (i, node) in cluster.nodes.iter().enumerate() {
-        for b in &pods {
+        for b in pods {
             if !ping(&node.ns, b.ip) {
                 failures.push(format!(
                     "ICMP node-{} → {} on node-{}",
@@ -320,8 +54,8 @@ fn run_mode(mode: &str) {
     let captured: Vec<String> = lines.try_iter().collect();
     let encapsulated =
         |a: &Pod, b: &Pod| captured.iter().any(|l| inner_pair(l) == Some((a.ip, b.ip)));
-    for a in &pods {
-        for b in &pods {
+    for a in pods {
+        for b in pods {
             if a.node == b.node {
                 continue;
             }
@@ -345,10 +79,10 @@ fn run_mode(mode: &str) {
         }
     }
     drop(servers);
-    for a in &mut agents {
+    for a in &d.agents {
         assert!(
-            a.process.exited().is_none(),
-            "an agent died:\n{}",
+            a.log_text().contains("agent ready"),
+            "an agent did not start:\n{}",
             a.log_text()
         );
     }
@@ -363,24 +97,8 @@ fn run_mode(mode: &str) {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n"),
-        cluster
-            .nodes
-            .iter()
-            .zip(&pins)
-            .map(|(n, p)| format!(
-                "{}:\n{}",
-                n.name,
-                dataplane(
-                    &n.ns,
-                    &[
-                        "map-dump",
-                        "all",
-                        "--bpffs-dir",
-                        &p.path.display().to_string()
-                    ]
-                )
-                .1
-            ))
+        (0..cluster.nodes.len())
+            .map(|i| format!("{}:\n{}", cluster.nodes[i].name, d.map_dump(i, "all")))
             .collect::<Vec<_>>()
             .join("\n")
     );

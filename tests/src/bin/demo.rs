@@ -1,9 +1,14 @@
-//! `cargo xtask demo`: a one-node cluster in a box with a real etcd and two pods, the agent
-//! attached to every interface, traffic between the pods, and the counters it produced.
+//! `cargo xtask demo`: a three-node cluster in a box with a real etcd — two nodes on one
+//! subnet, a third behind a router — the pool in CrossSubnet mode, two pods per node made by
+//! the CNI plugin, agents syncing routes from etcd, an all-to-all ping/TCP matrix, and a
+//! capture on the fabric showing which pairs travelled in IP-in-IP.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::collections::BTreeSet;
 
-use dataplane_tests::{Agent, Cluster, PinDirGuard, dataplane, require_root, wait_attached};
+use dataplane_tests::{
+    require_root,
+    traffic::{Deployment, Servers, capture, inner_pair, ping, tcp_echo},
+};
 
 fn step(text: &str) {
     println!("\n==> {text}");
@@ -11,67 +16,96 @@ fn step(text: &str) {
 
 fn main() {
     require_root();
-    step("building the cluster in a box: fabric, router, etcd, node-1");
-    let cluster = Cluster::new(&[1], true);
-    let node = &cluster.nodes[0];
-    let etcd = cluster.etcd.as_ref().expect("the demo starts etcd");
+    step(
+        "cluster in a box: fabric, router, etcd, node-1 and node-2 on 192.168.1.0/24, node-3 on 192.168.2.0/24; pool 10.65.0.0/16 in CrossSubnet; agents; 2 pods per node via CNI ADD",
+    );
+    let d = Deployment::start("CrossSubnet", 2);
+    let cluster = &d.cluster;
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let pods: Vec<String> = d
+            .pods
+            .iter()
+            .filter(|p| p.node == i)
+            .map(|p| p.ip.to_string())
+            .collect();
+        println!("    {} {:<13} pods {}", node.name, node.ip, pods.join(", "));
+    }
     println!(
-        "    etcd at {} (namespace {})",
-        etcd.endpoint(),
-        etcd.ns.name
+        "    etcd at {}",
+        cluster
+            .etcd
+            .as_ref()
+            .map(|e| e.endpoint())
+            .unwrap_or_default()
     );
-    println!("    node-1 at {} (namespace {})", node.ip, node.ns.name);
 
-    step("wiring two pods to node-1");
-    let a = node.add_pod(Ipv4Addr::new(10, 65, 0, 2));
-    let b = node.add_pod(Ipv4Addr::new(10, 65, 0, 3));
-    for (name, pod) in [("pod-a", &a), ("pod-b", &b)] {
-        println!("    {name}: {} on {}", pod.ip, pod.host_iface);
+    step("node-1's routes as the agent synced them (dataplane map-dump routes)");
+    print!("{}", d.map_dump(0, "routes"));
+
+    step("all-to-all matrix: ping and TCP from each pod (rows) to each pod (columns)");
+    let servers: Vec<Servers> = d.pods.iter().map(Servers::start).collect();
+    let (_tcpdump, lines) = capture(cluster);
+    print!("{:<14}", "");
+    for b in &d.pods {
+        print!("{:>13}", b.ip.to_string());
     }
-
-    step("starting the agent on node-1");
-    let pins = PinDirGuard::new();
-    let mut agent = Agent::start(node, &pins, Some(etcd), &[]);
-    for iface in ["eth0", a.host_iface.as_str(), b.host_iface.as_str()] {
-        wait_attached(&node.ns, iface, &mut agent, Duration::from_secs(20));
-        println!("    programs attached to {iface}");
-    }
-
-    step("sending 100 UDP datagrams pod-a → pod-b and 3 pings pod-b → pod-a");
-    let server =
-        b.ns.run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap());
-    server
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    a.ns.run(|| {
-        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        for i in 0..100u32 {
-            s.send_to(&i.to_be_bytes(), (b.ip, 7777)).unwrap();
+    println!();
+    let mut failed = 0;
+    for a in &d.pods {
+        print!("{:<14}", a.ip.to_string());
+        for b in &d.pods {
+            let cell = if std::ptr::eq(a, b) {
+                "-".to_owned()
+            } else {
+                let icmp = ping(&a.sb.ns, b.ip);
+                let tcp = tcp_echo(a, b.ip);
+                if !(icmp && tcp) {
+                    failed += 1;
+                }
+                format!(
+                    "{}/{}",
+                    if icmp { "ok" } else { "FAIL" },
+                    if tcp { "ok" } else { "FAIL" }
+                )
+            };
+            print!("{cell:>13}");
         }
-    });
-    let mut got = 0;
-    let mut buf = [0u8; 64];
-    while got < 100 && server.recv(&mut buf).is_ok() {
-        got += 1;
+        println!();
     }
-    println!("    pod-b received {got}/100 datagrams");
-    let ping = b.ns.exec(
-        "ping",
-        &["-c", "3", "-i", "0.2", "-W", "1", &a.ip.to_string()],
+    println!("    (cell: ICMP/TCP)  {failed} failing pairs");
+    drop(servers);
+
+    step("capture on the fabric: pod pairs that crossed in IP-in-IP (outer protocol 4)");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pairs: BTreeSet<(String, String)> = lines
+        .try_iter()
+        .filter_map(|l| inner_pair(&l))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let node_of = |ip: &str| {
+        d.pods
+            .iter()
+            .find(|p| p.ip.to_string() == ip)
+            .map_or("?".to_owned(), |p| cluster.nodes[p.node].name.clone())
+    };
+    for (a, b) in &pairs {
+        println!(
+            "    {a:<12} ({}) → {b:<12} ({})  IP-in-IP",
+            node_of(a),
+            node_of(b)
+        );
+    }
+    println!(
+        "    node-1 ↔ node-2 pairs went native (same subnet); pairs with node-3 were encapsulated"
     );
-    println!("    {}", ping.lines().rev().nth(1).unwrap_or("").trim());
 
-    step("dataplane map-dump counters (run in node-1's namespace)");
-    let pin_dir = pins.path.display().to_string();
-    let (status, out, err) =
-        dataplane(&node.ns, &["map-dump", "counters", "--bpffs-dir", &pin_dir]);
-    assert!(status.success(), "map-dump failed: {err}");
-    print!("{out}");
+    step("node-1's counters (dataplane map-dump counters)");
+    print!("{}", d.map_dump(0, "counters"));
 
-    step("tearing down (agent, pods, node, etcd, fabric)");
-    drop(agent);
-    drop((a, b));
-    drop(cluster);
-    drop(pins);
+    step("tearing down (agents, pods, nodes, etcd, router, fabric)");
+    drop(d);
     println!("    done");
+    if failed > 0 {
+        std::process::exit(1);
+    }
 }
