@@ -231,8 +231,12 @@ pub struct NodeConfig {
     pub node_ip: [u8; 4],
     /// The host NIC toward the fabric.
     pub host_ifindex: u32,
+    /// The host NIC's MTU: a packet that would not fit once encapsulated is dropped and
+    /// counted (0: no check).
+    pub host_mtu: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 8);
+const _: () = assert!(size_of::<NodeConfig>() == 16);
 
 #[cfg(feature = "user")]
 mod user {

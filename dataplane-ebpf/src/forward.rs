@@ -82,6 +82,19 @@ fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValu
     redirected(stats, redirect::to_egress(r.ifindex), counter::REDIRECTED)
 }
 
+/// Whether `ip`, once wrapped in 20 more bytes, would exceed the host NIC's MTU. Segmentation
+/// offload packets (gso_size set) are cut to size after encapsulation, so only single
+/// packets are checked. Pods get an MTU with room for the outer header (CNI default 1480), so
+/// this catches pods configured otherwise rather than losing their packets silently.
+#[inline(always)]
+fn too_big_to_encapsulate(ctx: &TcContext, ip: &Ipv4Hdr, cfg: &NodeConfig) -> bool {
+    // SAFETY: `skb` is the context pointer the kernel passed to the program.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    cfg.host_mtu != 0
+        && gso_size == 0
+        && u32::from(u16::from_be_bytes(ip.tot_len)) + packet::IP_LEN as u32 > cfg.host_mtu
+}
+
 /// Sends a pod's packet toward the node that hosts its destination.
 #[inline(always)]
 fn to_remote(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
@@ -92,6 +105,9 @@ fn to_remote(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -
         return pass(stats);
     }
     if r.flags & route_flags::IPIP != 0 {
+        if too_big_to_encapsulate(ctx, ip, &cfg) {
+            return drop(stats, counter::DROP_TOO_BIG);
+        }
         if ipip::encap(ctx, ip, cfg.node_ip, r.next_hop).is_err() {
             return drop(stats, counter::DROP_TOO_BIG);
         }
@@ -192,6 +208,9 @@ pub fn host_egress(ctx: &mut TcContext, stats: &Stats) -> i32 {
     }
     match route(ip.dst_addr) {
         Some(r) if r.kind == route_kind::REMOTE_BLOCK && r.flags & route_flags::IPIP != 0 => {
+            if too_big_to_encapsulate(ctx, &ip, &cfg) {
+                return drop(stats, counter::DROP_TOO_BIG);
+            }
             if ipip::encap(ctx, &ip, cfg.node_ip, r.next_hop).is_err() {
                 return drop(stats, counter::DROP_TOO_BIG);
             }

@@ -175,6 +175,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         dataplane_common::NodeConfig {
             node_ip,
             host_ifindex,
+            host_mtu: netlink::mtu_of(host_ifindex).await?.unwrap_or(0),
+            _pad: 0,
         },
     )?;
     let (links, mut events) = netlink::watch_links().await?;

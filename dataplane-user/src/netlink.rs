@@ -110,3 +110,24 @@ pub async fn ipv4_of(ifindex: u32) -> Result<Option<ipnet::Ipv4Net>, NetlinkErro
         })
     }))
 }
+
+/// The MTU of interface `ifindex`.
+pub async fn mtu_of(ifindex: u32) -> Result<Option<u32>, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Open)?;
+    let task = tokio::spawn(conn);
+    let link = handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await
+        .map_err(NetlinkError::List)?;
+    task.abort();
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }))
+}

@@ -124,6 +124,8 @@ impl TestObject {
             NodeConfig {
                 node_ip: node_ip.octets(),
                 host_ifindex,
+                host_mtu: 1500,
+                _pad: 0,
             },
             0,
         )

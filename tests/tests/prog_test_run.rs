@@ -223,3 +223,19 @@ fn root_a_pod_sending_from_a_forged_address_is_dropped_and_counted() {
         (1, 1)
     );
 }
+
+#[test]
+fn root_a_packet_too_big_to_encapsulate_is_dropped_and_counted() {
+    require_root();
+    let obj = node_object();
+    // 1490 bytes of IP: fits a 1500 MTU, not with 20 more bytes of outer header.
+    let pkt = udp_frame(POD, REMOTE_POD, &[7u8; 1490 - 28]);
+    assert_eq!(obj.run("from_workload", &pkt).return_value, TC_ACT_SHOT);
+    let fits = udp_frame(POD, REMOTE_POD, &[7u8; 1480 - 28]);
+    assert_eq!(
+        obj.run("from_workload", &fits).return_value,
+        TC_ACT_REDIRECT
+    );
+    let c = obj.counters(TEST_RUN_IFINDEX, hook::FROM_WORKLOAD);
+    assert_eq!((c[counter::DROP_TOO_BIG], c[counter::ENCAPSULATED]), (1, 1));
+}
