@@ -4,6 +4,7 @@
 
 mod attach;
 mod cni;
+mod sync;
 
 use clap::{Parser, ValueEnum};
 
@@ -11,6 +12,7 @@ use clap::{Parser, ValueEnum};
 enum Bench {
     Attach,
     Cni,
+    Sync,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -55,6 +57,14 @@ fn main() -> anyhow::Result<()> {
         let pods = args.pods.unwrap_or(if args.quick { 20 } else { 100 });
         let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
         write_report("cni-latency", &cni::run(pods, 20, rounds)?)?;
+    }
+    if wants(Bench::Sync) {
+        let changes = if args.quick { 10 } else { 50 };
+        write_report("sync-latency", &sync::run(changes)?)?;
+    }
+    if wants(Bench::Sync) {
+        let changes = if args.quick { 10 } else { 50 };
+        write_report("sync-latency", &sync::run(changes)?)?;
     }
     Ok(())
 }

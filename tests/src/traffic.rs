@@ -269,7 +269,7 @@ impl Deployment {
                     serde_json::from_str(&out).unwrap_or_default();
                 let remote = rows.iter().filter(|r| r.kind == "remote block").count();
                 let local = rows.iter().filter(|r| r.kind == "local workload").count();
-                if remote == 2 && local == per_node {
+                if remote == if per_node > 0 { 2 } else { 0 } && local == per_node {
                     break;
                 }
                 assert!(
