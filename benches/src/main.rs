@@ -4,6 +4,7 @@
 
 mod attach;
 mod cni;
+mod datapath;
 mod sync;
 
 use clap::{Parser, ValueEnum};
@@ -13,6 +14,7 @@ enum Bench {
     Attach,
     Cni,
     Sync,
+    Datapath,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -65,6 +67,10 @@ fn main() -> anyhow::Result<()> {
     if wants(Bench::Sync) {
         let changes = if args.quick { 10 } else { 50 };
         write_report("sync-latency", &sync::run(changes)?)?;
+    }
+    if wants(Bench::Datapath) {
+        let rounds = if args.quick { 1 } else { 7 };
+        write_report("datapath", &datapath::run(rounds)?)?;
     }
     Ok(())
 }

@@ -189,6 +189,17 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn start(mode: &str, per_node: usize) -> Self {
+        Self::start_with(mode, per_node, true)
+    }
+
+    /// The same cluster and pods with no dataplane at all: no agents, no programs, pod
+    /// traffic routed by the kernel (routes to other nodes' blocks added to every node and
+    /// the router, as a BGP fabric would): the baseline benches compare against.
+    pub fn bare(per_node: usize) -> Self {
+        Self::start_with("Never", per_node, false)
+    }
+
+    fn start_with(mode: &str, per_node: usize, with_agents: bool) -> Self {
         let cluster = Cluster::new(&[1, 1, 2], true);
         let etcd = cluster.etcd.as_ref().unwrap().endpoint();
         let dir = tempfile::tempdir().unwrap();
@@ -212,7 +223,8 @@ impl Deployment {
         );
         assert!(ok.success(), "{err}");
 
-        let pins: Vec<PinDirGuard> = cluster.nodes.iter().map(|_| PinDirGuard::new()).collect();
+        let n_agents = if with_agents { cluster.nodes.len() } else { 0 };
+        let pins: Vec<PinDirGuard> = (0..n_agents).map(|_| PinDirGuard::new()).collect();
         let mut agents: Vec<Agent> = cluster
             .nodes
             .iter()
@@ -240,6 +252,20 @@ impl Deployment {
                 pods.push(Pod { node: i, sb, ip });
             }
         }
+        if !with_agents {
+            for p in &pods {
+                let block = format!("{}/26", Ipv4Addr::from(u32::from(p.ip) & !63));
+                let owner = &cluster.nodes[p.node];
+                for node in cluster
+                    .nodes
+                    .iter()
+                    .filter(|n| n.subnet == owner.subnet && n.name != owner.name)
+                {
+                    node.ns
+                        .ip(&["route", "replace", &block, "via", &owner.ip.to_string()]);
+                }
+            }
+        }
         if mode == "Never" {
             // Native routing across subnets needs the fabric to know where pod blocks are (BGP in
             // a real cluster): tell the router.
@@ -257,7 +283,7 @@ impl Deployment {
             }
         }
         // Every node's routes must know the other nodes' blocks before traffic starts.
-        for (i, node) in cluster.nodes.iter().enumerate() {
+        for (i, node) in cluster.nodes.iter().enumerate().take(n_agents) {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let dir = pins[i].path.display().to_string();
