@@ -64,10 +64,6 @@ fn main() -> anyhow::Result<()> {
         let changes = if args.quick { 10 } else { 50 };
         write_report("sync-latency", &sync::run(changes)?)?;
     }
-    if wants(Bench::Sync) {
-        let changes = if args.quick { 10 } else { 50 };
-        write_report("sync-latency", &sync::run(changes)?)?;
-    }
     if wants(Bench::Datapath) {
         let rounds = if args.quick { 1 } else { 7 };
         write_report("datapath", &datapath::run(rounds)?)?;

@@ -72,6 +72,15 @@ pub fn dataplane_conf(version: &str, etcd_endpoint: &str, node: &str) -> Value {
     })
 }
 
+/// The first address of an ADD result, without its prefix length.
+pub fn result_ip(result: &Value) -> std::net::Ipv4Addr {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {result}"))
+}
+
 /// One pod sandbox as a runtime sees it: a network namespace, a container ID, pod identity.
 #[derive(Debug)]
 pub struct Sandbox {

@@ -241,14 +241,7 @@ impl Deployment {
                 let sb = Sandbox::new(node, "default", &format!("{}-{k}", node.name));
                 let conf = dataplane_conf("1.0.0", &etcd, &node.name);
                 let r = cni(node, &plugins, "ADD", &sb, &conf).ok();
-                let ip = r["ips"][0]["address"]
-                    .as_str()
-                    .unwrap()
-                    .split('/')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let ip = crate::cni::result_ip(&r);
                 pods.push(Pod { node: i, sb, ip });
             }
         }

@@ -5,22 +5,16 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use dataplane_tests::{
     Cluster, Node,
-    cni::{Call, CniOutput, PluginDir, Sandbox, cni, dataplane_conf, exec_list, exec_plugin},
+    cni::{
+        Call, CniOutput, PluginDir, Sandbox, cni, dataplane_conf, exec_list, exec_plugin, result_ip,
+    },
     netns::output,
     require_root,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn etcd(cluster: &Cluster) -> String {
     cluster.etcd.as_ref().unwrap().endpoint()
-}
-
-fn pod_ip(result: &Value) -> Ipv4Addr {
-    result["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {result}"))
 }
 
 /// Keys under `prefix` in the cluster's etcd, read from inside a node's namespace.
@@ -86,7 +80,7 @@ fn root_pods_get_addresses_from_their_nodes_block_and_reach_each_other() {
         &dataplane_conf("1.0.0", &etcd(&cluster), &n2.name),
     )
     .ok();
-    let (ia, ib, ic) = (pod_ip(&ra), pod_ip(&rb), pod_ip(&rc));
+    let (ia, ib, ic) = (result_ip(&ra), result_ip(&rb), result_ip(&rc));
 
     // The default pool appeared, node-1's two pods share its block, node-2 has another.
     assert_eq!(
@@ -224,7 +218,7 @@ fn root_gc_releases_what_the_runtime_no_longer_knows() {
     let conf = dataplane_conf("1.1.0", &etcd(&cluster), &node.name);
     let keep = Sandbox::new(node, "default", "keep");
     let stale = Sandbox::new(node, "default", "stale");
-    let kept = pod_ip(&cni(node, &plugins, "ADD", &keep, &conf).ok());
+    let kept = result_ip(&cni(node, &plugins, "ADD", &keep, &conf).ok());
     cni(node, &plugins, "ADD", &stale, &conf).ok();
     assert_eq!(handles(&cluster).len(), 2);
 
@@ -336,7 +330,7 @@ fn root_other_ipam_types_are_delegated_through_cni_path() {
         "dataDir": data.path(),
     });
     let sb = Sandbox::new(node, "default", "hl");
-    let ip = pod_ip(&cni(node, &plugins, "ADD", &sb, &conf).ok());
+    let ip = result_ip(&cni(node, &plugins, "ADD", &sb, &conf).ok());
     assert_eq!(ip.octets()[..3], [10, 99, 0]);
     assert!(handles(&cluster).is_empty(), "host-local, not our IPAM");
     let allocated = data.path().join("k8s-pod-network").join(ip.to_string());
@@ -364,7 +358,7 @@ fn root_a_chained_conflist_with_portmap_works() {
     let sb = Sandbox::new(node, "default", "mapped");
     let out: CniOutput = exec_list(node, &plugins, "ADD", &sb, &list, &rc);
     let r = out.ok();
-    let ip = pod_ip(&r);
+    let ip = result_ip(&r);
     let rules = node.ns.exec("iptables-save", &["-t", "nat"]);
     assert!(
         rules.contains("18080") && rules.contains(&ip.to_string()),
@@ -413,7 +407,7 @@ fn root_200_concurrent_adds_across_3_nodes_then_200_dels_leave_nothing() {
         outs
     };
     let adds = run_all("ADD");
-    let ips: Vec<Ipv4Addr> = adds.iter().map(|o| pod_ip(&o.ok())).collect();
+    let ips: Vec<Ipv4Addr> = adds.iter().map(|o| result_ip(&o.ok())).collect();
     let distinct: HashSet<_> = ips.iter().collect();
     assert_eq!(distinct.len(), PODS, "duplicate addresses handed out");
     for o in run_all("DEL") {

@@ -89,13 +89,7 @@ fn root_agents_sync_routes_and_endpoints_from_etcd() {
         let sb = Sandbox::new(node, "default", &format!("pod-{}", node.name));
         let conf = dataplane_conf("1.0.0", &etcd.endpoint(), &node.name);
         let r = cni(node, &plugins, "ADD", &sb, &conf).ok();
-        let ip = r["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let ip = dataplane_tests::cni::result_ip(&r).to_string();
         let host_iface = r["interfaces"][0]["name"].as_str().unwrap().to_owned();
         pods.push((sb, ip, host_iface, conf));
     }

@@ -165,6 +165,21 @@ impl Context<'_> {
             .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "ipam.type is required"))
     }
 
+    /// `ipam.strict_affinity: true` forbids borrowing addresses from other nodes' blocks.
+    fn ipam_config(&self) -> IpamConfig {
+        let strict = self
+            .conf
+            .ipam
+            .as_ref()
+            .and_then(|i| i.get("strict_affinity"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        IpamConfig {
+            strict_affinity: strict,
+            ..IpamConfig::default()
+        }
+    }
+
     fn ours(&self) -> Result<bool, CniError> {
         Ok(self.kind == PluginKind::Ipam || self.ipam_type()? == OUR_IPAM)
     }
@@ -273,7 +288,7 @@ impl Context<'_> {
         ds.ensure_default_pool(&self.pool_options())
             .await
             .map_err(ds_err("create the default IP pool"))?;
-        let ipam = Ipam::new(ds, IpamConfig::default());
+        let ipam = Ipam::new(ds, self.ipam_config());
         let handle = self.handle_id();
         // A retried ADD of the same container gets the address it already holds.
         if let Some(held) = ipam

@@ -226,7 +226,11 @@ fn pool_spec(doc: usize, name: &str, spec: &Value) -> Result<Value, ManifestErro
 fn ip_pool_v3(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
     let name = name_of(doc, v)?;
     let spec = pool_spec(doc, &name, v.get("spec").unwrap_or(&Value::Null))?;
-    Ok(Manifest {
+    Ok(pool_manifest(name, spec))
+}
+
+fn pool_manifest(name: String, spec: Value) -> Manifest {
+    Manifest {
         kind: Kind::IpPool,
         key: Kind::IpPool.key(&name),
         value: json!({
@@ -236,7 +240,7 @@ fn ip_pool_v3(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
             "spec": spec,
         }),
         name,
-    })
+    }
 }
 
 /// The seed's v1 pool: `metadata.cidr`, `spec.ipip.{enabled,mode}`, `spec.nat-outgoing`,
@@ -274,17 +278,7 @@ fn ip_pool_v1(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
         "disabled": spec.get("disabled").cloned().unwrap_or(Value::Bool(false)),
     });
     let spec = pool_spec(doc, &name, &v3)?;
-    Ok(Manifest {
-        kind: Kind::IpPool,
-        key: Kind::IpPool.key(&name),
-        value: json!({
-            "kind": "IPPool",
-            "apiVersion": "projectcalico.org/v3",
-            "metadata": { "name": name },
-            "spec": spec,
-        }),
-        name,
-    })
+    Ok(pool_manifest(name, spec))
 }
 
 fn node_v3(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
