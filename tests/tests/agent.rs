@@ -287,3 +287,57 @@ fn root_bad_input_gives_a_one_line_error_and_leaves_nothing_attached() {
     let (status, _, err) = dataplane(&node.ns, &["agent", "--node", "n", "--bogus"]);
     assert!(!status.success() && err.contains("--bogus"), "{err}");
 }
+
+#[test]
+fn root_bpftool_shows_every_pinned_map_with_field_names() {
+    use dataplane_common::map_names;
+    require_root();
+    let cluster = Cluster::new(&[1], false);
+    let node = &cluster.nodes[0];
+    let pins = PinDirGuard::new();
+    let mut agent = Agent::start(node, &pins, None, &[]);
+    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    let bpftool = |args: &[&str]| {
+        dataplane_tests::netns::run(std::process::Command::new("bpftool").args(args))
+    };
+    for (map, fields) in [
+        (
+            map_names::COUNTERS,
+            &[
+                "'CounterKey'",
+                "'ifindex'",
+                "'hook'",
+                "'Counters'",
+                "'values'",
+            ][..],
+        ),
+        (
+            map_names::ROUTES,
+            &["'RouteValue'", "'kind'", "'flags'", "'next_hop'", "'mac'"][..],
+        ),
+        (
+            map_names::ENDPOINTS,
+            &["'EndpointValue'", "'ip'", "'mac'"][..],
+        ),
+        (map_names::NODES, &["'NodeValue'", "'flags'"][..]),
+        (
+            map_names::CONFIG,
+            &["'NodeConfig'", "'node_ip'", "'host_ifindex'", "'host_mtu'"][..],
+        ),
+    ] {
+        let path = pins.path.join("maps").join(map).display().to_string();
+        let btf = bpftool(&["btf", "dump", "map", "pinned", &path]);
+        for f in fields {
+            assert!(btf.contains(f), "{map}: no {f} in\n{btf}");
+        }
+    }
+    // With an entry in it, the dump itself names the fields.
+    let path = pins
+        .path
+        .join("maps")
+        .join(map_names::CONFIG)
+        .display()
+        .to_string();
+    let dump = bpftool(&["map", "dump", "pinned", &path]);
+    assert!(dump.contains("\"host_ifindex\""), "{dump}");
+}
