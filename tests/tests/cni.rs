@@ -46,6 +46,14 @@ fn etcd_keys(cluster: &Cluster, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A one-node cluster with etcd, the plugin directory, and the node's config in `version`.
+fn one_node(version: &str) -> (Cluster, PluginDir, serde_json::Value) {
+    require_root();
+    let cluster = Cluster::new(&[1], true);
+    let conf = dataplane_conf(version, &etcd(&cluster), &cluster.nodes[0].name);
+    (cluster, PluginDir::new(), conf)
+}
+
 fn cali_links(node: &Node) -> Vec<String> {
     node.ns
         .ip(&["-o", "link", "show"])
@@ -156,11 +164,8 @@ fn root_results_take_the_shape_of_the_config_version() {
 
 #[test]
 fn root_del_is_idempotent_also_when_the_netns_is_gone() {
-    require_root();
-    let cluster = Cluster::new(&[1], true);
-    let plugins = PluginDir::new();
+    let (cluster, plugins, conf) = one_node("1.0.0");
     let node = &cluster.nodes[0];
-    let conf = dataplane_conf("1.0.0", &etcd(&cluster), &node.name);
     let sb = Sandbox::new(node, "default", "twice");
     cni(node, &plugins, "ADD", &sb, &conf).ok();
     cni(node, &plugins, "DEL", &sb, &conf).ok();
@@ -193,11 +198,8 @@ fn root_del_is_idempotent_also_when_the_netns_is_gone() {
 
 #[test]
 fn root_check_catches_a_deleted_route() {
-    require_root();
-    let cluster = Cluster::new(&[1], true);
-    let plugins = PluginDir::new();
+    let (cluster, plugins, mut conf) = one_node("1.0.0");
     let node = &cluster.nodes[0];
-    let mut conf = dataplane_conf("1.0.0", &etcd(&cluster), &node.name);
     let sb = Sandbox::new(node, "default", "checked");
     let result = cni(node, &plugins, "ADD", &sb, &conf).ok();
     conf["prevResult"] = result;
@@ -211,11 +213,8 @@ fn root_check_catches_a_deleted_route() {
 
 #[test]
 fn root_gc_releases_what_the_runtime_no_longer_knows() {
-    require_root();
-    let cluster = Cluster::new(&[1], true);
-    let plugins = PluginDir::new();
+    let (cluster, plugins, conf) = one_node("1.1.0");
     let node = &cluster.nodes[0];
-    let conf = dataplane_conf("1.1.0", &etcd(&cluster), &node.name);
     let keep = Sandbox::new(node, "default", "keep");
     let stale = Sandbox::new(node, "default", "stale");
     let kept = result_ip(&cni(node, &plugins, "ADD", &keep, &conf).ok());
@@ -255,11 +254,8 @@ fn root_gc_releases_what_the_runtime_no_longer_knows() {
 
 #[test]
 fn root_a_failed_endpoint_write_rolls_everything_back() {
-    require_root();
-    let cluster = Cluster::new(&[1], true);
-    let plugins = PluginDir::new();
+    let (cluster, plugins, conf) = one_node("1.0.0");
     let node = &cluster.nodes[0];
-    let conf = dataplane_conf("1.0.0", &etcd(&cluster), &node.name);
     let sb = Sandbox::new(node, "default", "doomed");
     let call = Call {
         extra_env: &[("DATAPLANE_CNI_FAILPOINT", "endpoint-write")],
@@ -342,11 +338,8 @@ fn root_other_ipam_types_are_delegated_through_cni_path() {
 
 #[test]
 fn root_a_chained_conflist_with_portmap_works() {
-    require_root();
-    let cluster = Cluster::new(&[1], true);
-    let plugins = PluginDir::new();
+    let (cluster, plugins, mut ours) = one_node("1.0.0");
     let node = &cluster.nodes[0];
-    let mut ours = dataplane_conf("1.0.0", &etcd(&cluster), &node.name);
     ours.as_object_mut().unwrap().remove("cniVersion");
     let list = json!({
         "cniVersion": "1.0.0",
