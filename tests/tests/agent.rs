@@ -44,6 +44,15 @@ fn send_udp(from: &dataplane_tests::Pod, to: &dataplane_tests::Pod, n: u32, payl
     })
 }
 
+/// One node (no etcd) with an agent attached to its host NIC.
+fn node_with_agent() -> (Cluster, PinDirGuard, Agent) {
+    let cluster = Cluster::new(&[1], false);
+    let pins = PinDirGuard::new();
+    let mut agent = Agent::start(&cluster.nodes[0], &pins, None, &[]);
+    wait_attached(&cluster.nodes[0].ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    (cluster, pins, agent)
+}
+
 fn counters(pins: &PinDirGuard, ifindex: u32, h: u8) -> [u64; counter::COUNT] {
     dataplane::maps::read_counters(&pins.path)
         .unwrap()
@@ -138,11 +147,8 @@ fn root_udp_datagrams_are_counted_on_the_right_interface_and_direction() {
 #[test]
 fn root_interface_created_after_start_is_attached_and_detached_when_gone() {
     require_root();
-    let cluster = Cluster::new(&[1], false);
+    let (cluster, pins, mut agent) = node_with_agent();
     let node = &cluster.nodes[0];
-    let pins = PinDirGuard::new();
-    let mut agent = Agent::start(node, &pins, None, &[]);
-    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
 
     let pod = node.add_pod(Ipv4Addr::new(10, 65, 0, 9));
     wait_attached(&node.ns, &pod.host_iface, &mut agent, ATTACH_TIMEOUT);
@@ -292,11 +298,8 @@ fn root_bad_input_gives_a_one_line_error_and_leaves_nothing_attached() {
 fn root_bpftool_shows_every_pinned_map_with_field_names() {
     use dataplane_common::map_names;
     require_root();
-    let cluster = Cluster::new(&[1], false);
-    let node = &cluster.nodes[0];
-    let pins = PinDirGuard::new();
-    let mut agent = Agent::start(node, &pins, None, &[]);
-    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    // The agent keeps the maps pinned while it runs.
+    let (_cluster, pins, _agent) = node_with_agent();
     let bpftool = |args: &[&str]| {
         dataplane_tests::netns::run(std::process::Command::new("bpftool").args(args))
     };
