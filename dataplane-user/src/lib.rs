@@ -15,6 +15,7 @@ pub mod datastore;
 pub mod dump;
 pub mod ipam;
 pub mod maps;
+pub mod policy;
 pub mod netlink;
 pub mod sync;
 

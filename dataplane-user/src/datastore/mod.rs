@@ -8,6 +8,7 @@
 //! from "the value at this key is corrupt" and everything else.
 
 pub mod keys;
+pub mod policy;
 pub mod resources;
 
 use std::{

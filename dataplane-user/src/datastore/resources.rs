@@ -25,7 +25,7 @@ pub const DEFAULT_POOL_CIDR: Ipv4Net =
 /// Block size when a pool does not say.
 pub const DEFAULT_BLOCK_SIZE: u8 = 26;
 
-fn api_version() -> String {
+pub(crate) fn api_version() -> String {
     API_VERSION.to_owned()
 }
 

@@ -1,0 +1,4 @@
+//! Network policy: the Calico selector language, and the compiler from policies and endpoints
+//! to the BPF policy maps.
+
+pub mod selector;
