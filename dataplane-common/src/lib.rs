@@ -12,6 +12,9 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "DP_ENDPOINTS";
     pub const NODES: &str = "DP_NODES";
     pub const CONFIG: &str = "DP_CONFIG";
+    pub const POLICY_IP: &str = "DP_POLICY_IP";
+    pub const POLICY_PORT: &str = "DP_POLICY_PORT";
+    pub const CONNTRACK: &str = "DP_CONNTRACK";
 }
 
 /// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
@@ -20,6 +23,12 @@ pub const MAX_ROUTES: u32 = 65536;
 pub const MAX_ENDPOINTS: u32 = 8192;
 /// Most nodes in the cluster.
 pub const MAX_NODES: u32 = 8192;
+/// Most entries of the policy address classifier (all compiled policies together).
+pub const MAX_POLICY_IP: u32 = 1 << 20;
+/// Most entries of the policy verdict trie.
+pub const MAX_POLICY_PORT: u32 = 1 << 21;
+/// Most tracked connections per node.
+pub const MAX_CONNTRACK: u32 = 1 << 18;
 
 /// What a route leads to: [`RouteValue::kind`].
 pub mod route_kind {
@@ -96,8 +105,228 @@ pub struct EndpointValue {
     /// The pod's MAC.
     pub mac: [u8; 6],
     pub flags: u16,
+    /// Compiled policy for traffic into the pod; [`POLICY_NONE`]: no policy, all allowed.
+    pub ingress_policy: u32,
+    /// Compiled policy for traffic from the pod; [`POLICY_NONE`]: no policy, all allowed.
+    pub egress_policy: u32,
 }
-const _: () = assert!(size_of::<EndpointValue>() == 12);
+const _: () = assert!(size_of::<EndpointValue>() == 20);
+
+/// A policy id meaning "no policy selects this endpoint in this direction": allow.
+pub const POLICY_NONE: u32 = 0;
+
+/// Stands for every protocol no rule of the policy names: see [`PolicyPortKey`].
+pub const PROTO_OTHER: u8 = 255;
+
+/// Key of the policy address classifier (LPM trie): prefix bits 32 + the CIDR's length, so
+/// the policy id always matches exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyIpKey {
+    pub policy: u32,
+    /// The peer address (source for ingress, destination for egress), network order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<PolicyIpKey>() == 8);
+
+/// Key of the policy verdict trie: the verdict for (policy, address class, protocol,
+/// destination port). Entries are prefixes: 64 bits (policy and class: protocols no rule
+/// names), 80 bits (the protocol, any port) and 80 + n bits (a block of ports); the longest
+/// wins. For ICMP the "port" is type << 8 | code; protocols without ports use 0. When a
+/// verdict depends on the source port too, it names a source-port table, looked up with
+/// that table's id as `class` and the source port as `port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyPortKey {
+    pub policy: u32,
+    pub class: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Network order.
+    pub port: [u8; 2],
+}
+const _: () = assert!(size_of::<PolicyPortKey>() == 12);
+
+/// Bits of a [`PolicyPortKey`] up to and including the protocol (and its padding byte).
+pub const POLICY_PORT_PROTO_BITS: u32 = 80;
+/// Bits of a [`PolicyPortKey`] for policy and class only.
+pub const POLICY_PORT_CLASS_BITS: u32 = 64;
+
+/// [`Verdict::action`].
+pub mod verdict {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+    /// No rule matched: the endpoint is isolated in this direction, the packet dropped.
+    pub const NO_MATCH: u8 = 3;
+
+    pub const fn name(action: u8) -> &'static str {
+        match action {
+            ALLOW => "allow",
+            DENY => "deny",
+            NO_MATCH => "no-match",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Value of the verdict trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Verdict {
+    /// One of [`verdict`].
+    pub action: u8,
+    pub _pad: [u8; 3],
+    /// Index of the deciding rule in the compiled policy (`u32::MAX`: none).
+    pub rule: u32,
+    /// Non-zero: the verdict depends on the source port; look it up in this table.
+    pub sport_table: u32,
+}
+const _: () = assert!(size_of::<Verdict>() == 12);
+
+/// Connection tracking: key, states, flags.
+pub mod ct {
+    /// TCP states (and the single state of other protocols).
+    pub const SYN_SENT: u8 = 1;
+    pub const SYN_RECV: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    /// One side has sent FIN.
+    pub const FIN_WAIT: u8 = 4;
+    /// Both sides have sent FIN.
+    pub const CLOSING: u8 = 5;
+    pub const RESET: u8 = 6;
+    /// UDP, ICMP and other protocols.
+    pub const OPEN: u8 = 7;
+
+    /// Flags: which ends' policy approved the connection.
+    /// The originating pod's egress policy (checked at its from-workload hook).
+    pub const EGRESS_APPROVED: u8 = 1;
+    /// The answering pod's ingress policy (checked at its to-workload hook).
+    pub const INGRESS_APPROVED: u8 = 2;
+    /// A FIN from the originator / from the answerer.
+    pub const FIN_FWD: u8 = 4;
+    pub const FIN_REV: u8 = 8;
+    /// A reply has been seen.
+    pub const REPLIED: u8 = 16;
+
+    pub const fn state_name(state: u8) -> &'static str {
+        match state {
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            ESTABLISHED => "ESTABLISHED",
+            FIN_WAIT => "FIN_WAIT",
+            CLOSING => "CLOSING",
+            RESET => "RESET",
+            OPEN => "OPEN",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Key of the conntrack map: the connection as its first packet saw it (originator first).
+/// For ICMP echo both ports hold the echo identifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Network order, as on the wire.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey>() == 16);
+
+impl CtKey {
+    /// The same connection seen from the other end.
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the conntrack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) of the first and the latest packet.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Packets from the originator, and back.
+    pub packets_fwd: u64,
+    pub packets_rev: u64,
+    /// One of the [`ct`] states.
+    pub state: u8,
+    /// [`ct`] flag bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<CtValue>() == 40);
+
+/// Conntrack timeouts in seconds, by state: part of [`NodeConfig`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    pub tcp_fin: u32,
+    pub tcp_reset: u32,
+    pub udp: u32,
+    pub icmp: u32,
+    pub other: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CtTimeouts>() == 32);
+
+impl CtTimeouts {
+    /// Calico's defaults (felix BPF conntrack): SYN 20 s, established 1 h, FIN 30 s, RST
+    /// 40 s, UDP 60 s, ICMP 5 s, other 10 min.
+    pub const DEFAULT: Self = Self {
+        tcp_syn: 20,
+        tcp_established: 3600,
+        tcp_fin: 30,
+        tcp_reset: 40,
+        udp: 60,
+        icmp: 5,
+        other: 600,
+        _pad: 0,
+    };
+
+    /// How long an entry in `state` for `proto` lives without traffic, in nanoseconds.
+    #[inline(always)]
+    pub const fn of(&self, proto: u8, state: u8) -> u64 {
+        let s = match proto {
+            6 => match state {
+                ct::SYN_SENT | ct::SYN_RECV => self.tcp_syn,
+                ct::ESTABLISHED => self.tcp_established,
+                ct::FIN_WAIT | ct::CLOSING => self.tcp_fin,
+                _ => self.tcp_reset,
+            },
+            17 | 136 => self.udp,
+            1 => self.icmp,
+            _ => self.other,
+        };
+        s as u64 * 1_000_000_000
+    }
+
+    /// Whether an entry last seen at `last_seen_ns` has expired at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(&self, v: &CtValue, proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(v.last_seen_ns) > self.of(proto, v.state)
+    }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// Value of the nodes map, keyed by a node's address in network order ([u8; 4]): the peers
 /// IP-in-IP is accepted from.
@@ -144,6 +373,10 @@ pub mod counter {
     pub const REDIRECTED: usize = 3;
     pub const ENCAPSULATED: usize = 4;
     pub const DECAPSULATED: usize = 5;
+    /// A new connection allowed by policy and tracked.
+    pub const CT_NEW: usize = 6;
+    /// A packet of a tracked connection (policy not consulted again).
+    pub const CT_TRACKED: usize = 7;
 
     pub const DROP_BASE: usize = 8;
     /// A packet too short or inconsistent to parse.
@@ -155,6 +388,8 @@ pub mod counter {
     pub const DROP_NO_ROUTE: usize = DROP_BASE + 5;
     pub const DROP_TOO_BIG: usize = DROP_BASE + 6;
     pub const DROP_INTERNAL: usize = DROP_BASE + 7;
+    /// From or to a pod interface whose endpoint (and policy) is not programmed yet.
+    pub const DROP_NO_ENDPOINT: usize = DROP_BASE + 8;
 
     pub const COUNT: usize = 24;
 
@@ -166,6 +401,8 @@ pub mod counter {
         (REDIRECTED, "redirected"),
         (ENCAPSULATED, "encapsulated"),
         (DECAPSULATED, "decapsulated"),
+        (CT_NEW, "ct_new"),
+        (CT_TRACKED, "ct_tracked"),
         (DROP_MALFORMED, "drop_malformed"),
         (DROP_POLICY, "drop_policy"),
         (DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
@@ -174,6 +411,7 @@ pub mod counter {
         (DROP_NO_ROUTE, "drop_no_route"),
         (DROP_TOO_BIG, "drop_too_big"),
         (DROP_INTERNAL, "drop_internal"),
+        (DROP_NO_ENDPOINT, "drop_no_endpoint"),
     ];
 }
 
@@ -235,8 +473,9 @@ pub struct NodeConfig {
     /// counted (0: no check).
     pub host_mtu: u32,
     pub _pad: u32,
+    pub ct_timeouts: CtTimeouts,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 16);
+const _: () = assert!(size_of::<NodeConfig>() == 48);
 
 #[cfg(feature = "user")]
 mod user {
@@ -264,4 +503,14 @@ mod user {
     unsafe impl aya::Pod for NodeValue {}
     // SAFETY: as for RouteValue.
     unsafe impl aya::Pod for NodeConfig {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for PolicyIpKey {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for PolicyPortKey {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for Verdict {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for CtValue {}
 }

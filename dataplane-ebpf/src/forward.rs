@@ -7,14 +7,17 @@ use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     programs::TcContext,
 };
-use dataplane_common::{NodeConfig, RouteValue, counter, route_flags, route_kind};
+use dataplane_common::{
+    CtTimeouts, EndpointValue, NodeConfig, RouteValue, counter, route_flags, route_kind,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     DP_CONFIG, DP_ENDPOINTS, DP_NODES, DP_ROUTES,
+    conntrack::{self, Outcome},
     counters::Stats,
     ipip,
-    packet::{self, Frame, IPPROTO_IPIP},
+    packet::{self, ETH_LEN, Frame, IPPROTO_IPIP},
     redirect,
 };
 
@@ -129,6 +132,51 @@ fn to_remote(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -
     pass(stats)
 }
 
+/// The pod behind this veth, once the agent has programmed it (with its policy).
+#[inline(always)]
+fn endpoint(ctx: &TcContext) -> Option<EndpointValue> {
+    // SAFETY: the value is copied out at once; the map is only written by userspace.
+    unsafe { DP_ENDPOINTS.get(ifindex(ctx)) }.copied()
+}
+
+/// Conntrack and the pod's policy for this packet; `Err` with the verdict when it ends here.
+#[inline(always)]
+fn enforce(
+    ctx: &TcContext,
+    stats: &Stats,
+    ip: &Ipv4Hdr,
+    policy: u32,
+    egress: bool,
+) -> Result<(), i32> {
+    let Ok(flow) = packet::flow(ctx, ip, ETH_LEN) else {
+        return Err(drop(stats, counter::DROP_MALFORMED));
+    };
+    let timeouts = config().map_or(CtTimeouts::DEFAULT, |c| c.ct_timeouts);
+    match conntrack::check(ctx, &flow, policy, egress, &timeouts) {
+        Outcome::Tracked => stats.add(counter::CT_TRACKED, 1),
+        Outcome::New => stats.add(counter::CT_NEW, 1),
+        Outcome::Drop(reason) => return Err(drop(stats, reason)),
+    }
+    Ok(())
+}
+
+/// TC egress of a pod's veth: the pod's ingress policy.
+#[inline(always)]
+pub fn to_workload(ctx: &TcContext, stats: &Stats) -> i32 {
+    let ip = match packet::parse(ctx) {
+        Err(()) => return drop(stats, counter::DROP_MALFORMED),
+        Ok(Frame::Other) => return pass(stats),
+        Ok(Frame::Ipv4(ip)) => ip,
+    };
+    let Some(ep) = endpoint(ctx) else {
+        return drop(stats, counter::DROP_NO_ENDPOINT);
+    };
+    if let Err(verdict) = enforce(ctx, stats, &ip, ep.ingress_policy, false) {
+        return verdict;
+    }
+    pass(stats)
+}
+
 /// TC ingress of a pod's veth.
 #[inline(always)]
 pub fn from_workload(ctx: &mut TcContext, stats: &Stats) -> i32 {
@@ -137,11 +185,14 @@ pub fn from_workload(ctx: &mut TcContext, stats: &Stats) -> i32 {
         Ok(Frame::Other) => return pass(stats),
         Ok(Frame::Ipv4(ip)) => ip,
     };
-    // SAFETY: the value is copied out at once; the map is only written by userspace.
-    if let Some(ep) = unsafe { DP_ENDPOINTS.get(ifindex(ctx)) }
-        && ep.ip != ip.src_addr
-    {
+    let Some(ep) = endpoint(ctx) else {
+        return drop(stats, counter::DROP_NO_ENDPOINT);
+    };
+    if ep.ip != ip.src_addr {
         return drop(stats, counter::DROP_SPOOFED_SOURCE);
+    }
+    if let Err(verdict) = enforce(ctx, stats, &ip, ep.egress_policy, true) {
+        return verdict;
     }
     match route(ip.dst_addr) {
         Some(r) if r.kind == route_kind::LOCAL_WORKLOAD => deliver_local(ctx, stats, &ip, &r),

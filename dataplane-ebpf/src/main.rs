@@ -3,21 +3,24 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod conntrack;
 mod counters;
 mod forward;
 mod ipip;
 mod packet;
+mod policy;
 mod redirect;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use dataplane_common::{
-    CounterKey, Counters, EndpointValue, MAX_COUNTER_KEYS, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-    NodeConfig, NodeValue, RouteValue, counter, hook,
+    CounterKey, Counters, CtKey, CtValue, EndpointValue, MAX_CONNTRACK, MAX_COUNTER_KEYS,
+    MAX_ENDPOINTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES, NodeConfig, NodeValue,
+    PolicyIpKey, PolicyPortKey, RouteValue, Verdict, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
@@ -42,6 +45,25 @@ static DP_NODES: HashMap<[u8; 4], NodeValue, { MAX_NODES as usize }> = HashMap::
 #[btf_map]
 static DP_CONFIG: Array<NodeConfig, 1> = Array::new();
 
+/// Policy address classifier: (policy, peer address) → address class. Filled by the agent.
+#[btf_map]
+static DP_POLICY_IP: LpmTrie<PolicyIpKey, u32, { MAX_POLICY_IP as usize }> = LpmTrie::new();
+
+/// Policy verdicts: (policy, address class, protocol, port) → what the first matching rule
+/// says. Filled by the agent.
+#[btf_map]
+static DP_POLICY_PORT: LpmTrie<PolicyPortKey, Verdict, { MAX_POLICY_PORT as usize }> =
+    LpmTrie::new();
+
+/// Tracked connections. Written by the programs; expired entries are swept by the agent.
+#[btf_map]
+static DP_CONNTRACK: HashMap<
+    CtKey,
+    CtValue,
+    { MAX_CONNTRACK as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// TC ingress of a `cali*` veth: what the pod sends.
 #[classifier]
 pub fn from_workload(mut ctx: TcContext) -> i32 {
@@ -53,8 +75,7 @@ pub fn from_workload(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_workload(ctx: TcContext) -> i32 {
     let stats = account(&ctx, hook::TO_WORKLOAD);
-    stats.add(counter::PASSED, 1);
-    TC_ACT_OK
+    forward::to_workload(&ctx, &stats)
 }
 
 /// TC ingress of the host NIC: what arrives from the fabric.

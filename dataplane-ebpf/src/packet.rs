@@ -84,3 +84,144 @@ pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_UDPLITE: u8 = 136;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// ICMP types that carry the start of the packet they are about.
+#[inline(always)]
+pub fn icmp_is_error(t: u8) -> bool {
+    matches!(t, 3 | 4 | 5 | 11 | 12)
+}
+
+/// The transport view of an IPv4 packet: what conntrack and policy look at.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub proto: u8,
+    /// Network order. For ICMP echo both hold the identifier; 0 where there are no ports
+    /// (and in later fragments, which carry no transport header).
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// TCP flags; ICMP type and code.
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Offset of the transport header in the frame.
+    pub l4_off: usize,
+    /// A fragment other than the first.
+    pub later_fragment: bool,
+}
+
+impl Flow {
+    /// The "port" policy matches for this packet's destination: the port, or for ICMP
+    /// type << 8 | code.
+    #[inline(always)]
+    pub fn policy_dport(&self) -> u16 {
+        if self.proto == IPPROTO_ICMP {
+            u16::from_be_bytes([self.icmp_type, self.icmp_code])
+        } else {
+            u16::from_be_bytes(self.dport)
+        }
+    }
+
+    #[inline(always)]
+    pub fn policy_sport(&self) -> u16 {
+        if self.proto == IPPROTO_ICMP {
+            0
+        } else {
+            u16::from_be_bytes(self.sport)
+        }
+    }
+}
+
+/// Reads the transport header of `ip` (at `l3_off` in the frame). `Err` when the header the
+/// protocol needs is cut short.
+#[inline(always)]
+pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Result<Flow, ()> {
+    let l4_off = l3_off + usize::from(ip.vihl & 0x0f) * 4;
+    let mut f = Flow {
+        saddr: ip.src_addr,
+        daddr: ip.dst_addr,
+        proto: ip.proto,
+        sport: [0; 2],
+        dport: [0; 2],
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        l4_off,
+        later_fragment: u16::from_be_bytes(ip.frags) & 0x1fff != 0,
+    };
+    if f.later_fragment {
+        return Ok(f);
+    }
+    match ip.proto {
+        IPPROTO_TCP => {
+            let h: [u8; 14] = ctx.load(l4_off).map_err(|_| ())?;
+            f.sport = [h[0], h[1]];
+            f.dport = [h[2], h[3]];
+            f.tcp_flags = h[13];
+        }
+        IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
+            let h: [u8; 4] = ctx.load(l4_off).map_err(|_| ())?;
+            f.sport = [h[0], h[1]];
+            f.dport = [h[2], h[3]];
+        }
+        IPPROTO_ICMP => {
+            let h: [u8; 8] = ctx.load(l4_off).map_err(|_| ())?;
+            f.icmp_type = h[0];
+            f.icmp_code = h[1];
+            if h[0] == 8 || h[0] == 0 {
+                f.sport = [h[4], h[5]];
+                f.dport = [h[4], h[5]];
+            }
+        }
+        _ => {}
+    }
+    Ok(f)
+}
+
+/// The packet an ICMP error is about (its IP header and first 8 transport bytes follow the
+/// ICMP header), as a flow in the direction that packet travelled.
+#[inline(always)]
+pub fn icmp_inner_flow(ctx: &TcContext, outer: &Flow) -> Result<Flow, ()> {
+    let inner_off = outer.l4_off + 8;
+    let ip: Ipv4Hdr = ctx.load(inner_off).map_err(|_| ())?;
+    if ip.vihl >> 4 != 4 || usize::from(ip.vihl & 0x0f) * 4 < IP_LEN {
+        return Err(());
+    }
+    let l4 = inner_off + usize::from(ip.vihl & 0x0f) * 4;
+    let h: [u8; 8] = ctx.load(l4).map_err(|_| ())?;
+    let mut f = Flow {
+        saddr: ip.src_addr,
+        daddr: ip.dst_addr,
+        proto: ip.proto,
+        sport: [h[0], h[1]],
+        dport: [h[2], h[3]],
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        l4_off: l4,
+        later_fragment: false,
+    };
+    if ip.proto == IPPROTO_ICMP {
+        f.sport = [h[4], h[5]];
+        f.dport = [h[4], h[5]];
+    } else if !matches!(
+        ip.proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    ) {
+        f.sport = [0; 2];
+        f.dport = [0; 2];
+    }
+    Ok(f)
+}

@@ -177,6 +177,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             host_ifindex,
             host_mtu: netlink::mtu_of(host_ifindex).await?.unwrap_or(0),
             _pad: 0,
+            ct_timeouts: dataplane_common::CtTimeouts::DEFAULT,
         },
     )?;
     let (links, mut events) = netlink::watch_links().await?;

@@ -269,6 +269,8 @@ impl Model {
                             ip: ip.octets(),
                             mac,
                             flags: 0,
+                            ingress_policy: 0,
+                            egress_policy: 0,
                         },
                     );
                     continue;

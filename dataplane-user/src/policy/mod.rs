@@ -1,4 +1,5 @@
 //! Network policy: the Calico selector language, and the compiler from policies and endpoints
 //! to the BPF policy maps.
 
+pub mod compile;
 pub mod selector;
