@@ -105,12 +105,15 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 8] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
     map_names::NODES,
     map_names::CONFIG,
+    map_names::POLICY_IP,
+    map_names::POLICY_PORT,
+    map_names::CONNTRACK,
 ];
 
 /// The programs of one interface, attached through pinned TCX links.

@@ -5,14 +5,18 @@
 //! lost watch (compaction, reconnect) re-lists and converges the same way.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
-use dataplane_common::{EndpointValue, NodeValue, RouteValue, map_names, route_flags, route_kind};
+use dataplane_common::{
+    EndpointValue, NodeValue, POLICY_NONE, PolicyIpKey, PolicyPortKey, RouteValue, Verdict,
+    map_names, route_flags, route_kind,
+};
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
@@ -23,7 +27,71 @@ use crate::{
         keys::Key as DsKey,
     },
     ipam::Block,
+    policy::{
+        compile::{self, CompiledRule, Entries},
+        resolve::{self, NamedPort, Resolver},
+        selector::Labels,
+    },
 };
+
+/// Where `ctl apply` of a Kubernetes Pod stores it (labels and named ports).
+const PODS: &str = "/calico/k8s/pods/";
+const NETWORK_POLICIES: &str = "/calico/resources/v3/projectcalico.org/networkpolicies/";
+const GLOBAL_NETWORK_POLICIES: &str =
+    "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/";
+/// Most verdict entries one compiled policy may take.
+pub const MAX_ENTRIES_PER_POLICY: usize = 1 << 20;
+
+/// A pod's labels and named ports, from its stored Kubernetes Pod.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct PodInfo {
+    labels: Labels,
+    ports: Vec<NamedPort>,
+}
+
+fn pod_info(v: &serde_json::Value) -> PodInfo {
+    let labels = v
+        .pointer("/metadata/labels")
+        .and_then(|l| serde_json::from_value::<Labels>(l.clone()).ok())
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for c in v
+        .pointer("/spec/containers")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in c
+            .get("ports")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(name), Some(port)) = (
+                p.get("name").and_then(serde_json::Value::as_str),
+                p.get("containerPort").and_then(serde_json::Value::as_u64),
+            ) else {
+                continue;
+            };
+            let proto = match p.get("protocol").and_then(serde_json::Value::as_str) {
+                Some("UDP") => 17,
+                Some("SCTP") => 132,
+                _ => 6,
+            };
+            if let Ok(port) = u16::try_from(port) {
+                ports.push(NamedPort {
+                    name: name.to_owned(),
+                    proto,
+                    port,
+                });
+            }
+        }
+    }
+    PodInfo { labels, ports }
+}
+
+/// One local endpoint's policies: ingress and egress rules (`None`: no policy applies).
+pub type EndpointRules = [Option<Arc<Vec<CompiledRule>>>; 2];
 
 /// The prefix the agent watches: Calico's resources and IPAM.
 pub const PREFIX: &str = "/calico/";
@@ -36,6 +104,12 @@ pub struct Model {
     /// Block → the node it is affine to.
     blocks: BTreeMap<Ipv4Net, String>,
     weps: BTreeMap<String, WorkloadEndpoint>,
+    /// Namespace → its labels (from the `kns.<ns>` profile).
+    namespaces: BTreeMap<String, Labels>,
+    /// (namespace, pod) → labels and named ports.
+    pods: BTreeMap<(String, String), PodInfo>,
+    /// Policy key → parsed policy.
+    policies: BTreeMap<String, resolve::Policy>,
 }
 
 /// The contents the maps should have.
@@ -44,6 +118,8 @@ pub struct Desired {
     pub routes: BTreeMap<(u32, [u8; 4]), RouteValue>,
     pub endpoints: BTreeMap<u32, EndpointValue>,
     pub nodes: BTreeMap<[u8; 4], NodeValue>,
+    /// Local endpoint (ifindex) → its rules; the writer assigns policy ids.
+    pub rules: BTreeMap<u32, EndpointRules>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
@@ -69,6 +145,9 @@ impl Model {
     /// Applies one key's new value (`None`: deleted). Keys of no interest are ignored; a value
     /// that does not parse is logged with its key and leaves the model as it was.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>) {
+        if self.apply_policy_key(key, value) {
+            return;
+        }
         let Some(parsed) = DsKey::parse(key) else {
             return;
         };
@@ -126,8 +205,115 @@ impl Model {
                     self.weps.insert(key.to_owned(), wep);
                 }
             }
+            (DsKey::Profile(name), value) => {
+                if let Some(ns) = name.strip_prefix(crate::datastore::keys::NAMESPACE_PROFILE_PREFIX) {
+                    match value.and_then(|v| decode::<crate::datastore::Profile>(key, v)) {
+                        Some(p) => {
+                            self.namespaces.insert(ns.to_owned(), p.labels_to_apply());
+                        }
+                        None if value.is_none() => {
+                            self.namespaces.remove(ns);
+                        }
+                        None => {}
+                    }
+                }
+            }
             _ => {}
         }
+    }
+
+    /// Policies and pods; `true` when `key` was one of them.
+    fn apply_policy_key(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        if let Some(rest) = key.strip_prefix(PODS) {
+            let Some((ns, pod)) = rest.split_once('/') else {
+                return true;
+            };
+            let id = (ns.to_owned(), pod.to_owned());
+            match value {
+                None => {
+                    self.pods.remove(&id);
+                }
+                Some(v) => {
+                    if let Some(v) = decode::<serde_json::Value>(key, v) {
+                        self.pods.insert(id, pod_info(&v));
+                    }
+                }
+            }
+            return true;
+        }
+        let namespace = if let Some(rest) = key.strip_prefix(NETWORK_POLICIES) {
+            match rest.split_once('/') {
+                Some((ns, _)) => Some(ns),
+                None => return true,
+            }
+        } else if key.starts_with(GLOBAL_NETWORK_POLICIES) {
+            None
+        } else {
+            return false;
+        };
+        let Some(v) = value else {
+            self.policies.remove(key);
+            return true;
+        };
+        let Some(p) = decode::<crate::datastore::policy::NetworkPolicy>(key, v) else {
+            return true;
+        };
+        match resolve::Policy::parse(namespace, &p) {
+            Ok(p) => {
+                self.policies.insert(key.to_owned(), p);
+            }
+            Err(reason) => {
+                warn!(key, %reason, "skipping a policy that does not parse");
+            }
+        }
+        true
+    }
+
+    /// Every endpoint of the cluster as policy sees it.
+    fn policy_endpoints(&self) -> Vec<(&WorkloadEndpoint, resolve::Endpoint)> {
+        let mut out = Vec::new();
+        for wep in self.weps.values() {
+            let ns = wep.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+            let pod = self.pods.get(&(ns.clone(), wep.spec.pod.clone()));
+            let mut labels = wep.metadata.labels.clone().unwrap_or_default();
+            if let Some(p) = pod {
+                labels.extend(p.labels.clone());
+            }
+            labels.insert("projectcalico.org/namespace".to_owned(), ns.clone());
+            labels.insert("projectcalico.org/orchestrator".to_owned(), "k8s".to_owned());
+            let mut ports: Vec<NamedPort> = wep
+                .spec
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| NamedPort {
+                    name: p.name.clone(),
+                    proto: crate::datastore::policy::Protocol::Name(
+                        p.protocol.as_str().unwrap_or("TCP").to_owned(),
+                    )
+                    .number()
+                    .unwrap_or(6),
+                    port: p.port,
+                })
+                .collect();
+            if let Some(p) = pod {
+                ports.extend(p.ports.iter().cloned());
+            }
+            for net in &wep.spec.ip_networks {
+                if let Ok(net) = net.parse::<Ipv4Net>() {
+                    out.push((
+                        wep,
+                        resolve::Endpoint {
+                            namespace: ns.clone(),
+                            ip: net.addr(),
+                            labels: labels.clone(),
+                            ports: ports.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The maps' contents for node `me`. `ifindex` resolves a local pod's host veth.
@@ -239,6 +425,7 @@ impl Model {
             );
         }
 
+        let mut local: Vec<(u32, Ipv4Addr)> = Vec::new();
         for wep in self.weps.values() {
             let spec = &wep.spec;
             for net in &spec.ip_networks {
@@ -263,6 +450,7 @@ impl Model {
                             ..RouteValue::default()
                         },
                     );
+                    local.push((idx, ip));
                     d.endpoints.insert(
                         idx,
                         EndpointValue {
@@ -298,7 +486,32 @@ impl Model {
                 }
             }
         }
+        self.desired_rules(&mut d, &local);
         d
+    }
+
+    /// Each local endpoint's rules, shared between endpoints whose rules are the same.
+    fn desired_rules(&self, d: &mut Desired, local: &[(u32, Ipv4Addr)]) {
+        if local.is_empty() {
+            return;
+        }
+        let all = self.policy_endpoints();
+        let endpoints: Vec<resolve::Endpoint> = all.iter().map(|(_, e)| e.clone()).collect();
+        let r = Resolver::new(&endpoints, &self.namespaces, self.policies.values());
+        let mut shared: std::collections::HashMap<Vec<CompiledRule>, Arc<Vec<CompiledRule>>> =
+            std::collections::HashMap::new();
+        let mut share = |rules: Option<Vec<CompiledRule>>| {
+            rules.map(|v| shared.entry(v.clone()).or_insert_with(|| Arc::new(v)).clone())
+        };
+        for &(idx, ip) in local {
+            let Some(ep) = endpoints.iter().find(|e| e.ip == ip) else {
+                continue;
+            };
+            d.rules.insert(
+                idx,
+                [share(r.rules_for(ep, true)), share(r.rules_for(ep, false))],
+            );
+        }
     }
 }
 
@@ -313,14 +526,31 @@ pub enum SyncError {
     },
     #[error(transparent)]
     Datastore(#[from] Box<DatastoreError>),
+    #[error("compile policy: {0}")]
+    Compile(String),
 }
 
-/// The three maps the sync writes, with what was last written to them.
+/// A compiled policy in the maps.
+struct Programmed {
+    id: u32,
+    entries: Entries,
+}
+
+/// The maps the sync writes, with what was last written to them.
 pub struct MapWriter {
     routes: LpmTrie<MapData, [u8; 4], RouteValue>,
     endpoints: HashMap<MapData, u32, EndpointValue>,
     nodes: HashMap<MapData, [u8; 4], NodeValue>,
+    policy_ip: LpmTrie<MapData, PolicyIpKey, u32>,
+    policy_port: LpmTrie<MapData, PolicyPortKey, Verdict>,
     applied: Desired,
+    /// Endpoint values as written (with policy ids).
+    applied_endpoints: BTreeMap<u32, EndpointValue>,
+    /// Compiled policies by their rules.
+    programmed: std::collections::HashMap<Arc<Vec<CompiledRule>>, Programmed>,
+    /// Policy entries found in the maps at start, not (yet) known to be in use.
+    orphans: Entries,
+    next_id: u32,
 }
 
 /// What one reconcile changed.
@@ -328,6 +558,8 @@ pub struct MapWriter {
 pub struct Changes {
     pub written: usize,
     pub removed: usize,
+    /// Policies compiled in this pass (new rule sets).
+    pub compiled: usize,
 }
 
 fn open(root: &Path, name: &str) -> Result<MapData, SyncError> {
@@ -365,22 +597,93 @@ impl MapWriter {
         let nodes: HashMap<MapData, [u8; 4], NodeValue> =
             HashMap::try_from(Map::HashMap(open(root, map_names::NODES)?))
                 .map_err(oerr(map_names::NODES))?;
+        let policy_ip: LpmTrie<MapData, PolicyIpKey, u32> =
+            LpmTrie::try_from(Map::LpmTrie(open(root, map_names::POLICY_IP)?))
+                .map_err(oerr(map_names::POLICY_IP))?;
+        let policy_port: LpmTrie<MapData, PolicyPortKey, Verdict> =
+            LpmTrie::try_from(Map::LpmTrie(open(root, map_names::POLICY_PORT)?))
+                .map_err(oerr(map_names::POLICY_PORT))?;
         let mut applied = Desired::default();
         for (k, v) in routes.iter().flatten() {
             applied.routes.insert((k.prefix_len(), k.data()), v);
         }
+        let mut applied_endpoints = BTreeMap::new();
         for (k, v) in endpoints.iter().flatten() {
-            applied.endpoints.insert(k, v);
+            applied_endpoints.insert(k, v);
         }
         for (k, v) in nodes.iter().flatten() {
             applied.nodes.insert(k, v);
+        }
+        // Policies compiled by an earlier run are rewritten under new ids (endpoints switch
+        // to them one by one), then removed.
+        let mut orphans = Entries::default();
+        let mut next_id = 1;
+        for (k, v) in policy_ip.iter().flatten() {
+            next_id = next_id.max(k.data().policy + 1);
+            orphans.ip.insert((k.prefix_len(), k.data()), v);
+        }
+        for (k, v) in policy_port.iter().flatten() {
+            next_id = next_id.max(k.data().policy + 1);
+            orphans.port.insert((k.prefix_len(), k.data()), v);
         }
         Ok(Self {
             routes,
             endpoints,
             nodes,
+            policy_ip,
+            policy_port,
             applied,
+            applied_endpoints,
+            programmed: std::collections::HashMap::new(),
+            orphans,
+            next_id,
         })
+    }
+
+    /// The id of `rules`, compiling and writing them first when new.
+    fn policy_id(
+        &mut self,
+        rules: &Option<Arc<Vec<CompiledRule>>>,
+        c: &mut Changes,
+    ) -> Result<u32, SyncError> {
+        let Some(rules) = rules else {
+            return Ok(POLICY_NONE);
+        };
+        if let Some(p) = self.programmed.get(rules) {
+            return Ok(p.id);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let entries = compile::compile(id, rules, MAX_ENTRIES_PER_POLICY)
+            .map_err(|e| SyncError::Compile(e.to_string()))?;
+        for (&(plen, k), v) in &entries.ip {
+            self.policy_ip
+                .insert(&Key::new(plen, k), *v, 0)
+                .map_err(werr(map_names::POLICY_IP))?;
+        }
+        for (&(plen, k), v) in &entries.port {
+            self.policy_port
+                .insert(&Key::new(plen, k), *v, 0)
+                .map_err(werr(map_names::POLICY_PORT))?;
+        }
+        c.written += entries.len();
+        c.compiled += 1;
+        self.programmed
+            .insert(rules.clone(), Programmed { id, entries });
+        Ok(id)
+    }
+
+    fn remove_entries(&mut self, e: &Entries, c: &mut Changes) -> Result<(), SyncError> {
+        for &(plen, k) in e.ip.keys() {
+            remove_ok(self.policy_ip.remove(&Key::new(plen, k)))
+                .map_err(werr(map_names::POLICY_IP))?;
+        }
+        for &(plen, k) in e.port.keys() {
+            remove_ok(self.policy_port.remove(&Key::new(plen, k)))
+                .map_err(werr(map_names::POLICY_PORT))?;
+        }
+        c.removed += e.len();
+        Ok(())
     }
 
     /// Makes the maps hold `desired`, touching only entries that differ. New and changed
@@ -396,8 +699,19 @@ impl MapWriter {
                 c.written += 1;
             }
         }
+        // Policies first, then the endpoints that use them: an endpoint switches from one
+        // complete policy to another in one map write.
+        let mut endpoints = BTreeMap::new();
         for (&k, v) in &desired.endpoints {
-            if self.applied.endpoints.get(&k) != Some(v) {
+            let mut v = *v;
+            if let Some([ingress, egress]) = desired.rules.get(&k) {
+                v.ingress_policy = self.policy_id(ingress, &mut c)?;
+                v.egress_policy = self.policy_id(egress, &mut c)?;
+            }
+            endpoints.insert(k, v);
+        }
+        for (&k, v) in &endpoints {
+            if self.applied_endpoints.get(&k) != Some(v) {
                 self.endpoints
                     .insert(k, *v, 0)
                     .map_err(werr(map_names::ENDPOINTS))?;
@@ -419,12 +733,33 @@ impl MapWriter {
                 c.removed += 1;
             }
         }
-        for k in self.applied.endpoints.keys() {
-            if !desired.endpoints.contains_key(k) {
+        for k in self.applied_endpoints.keys() {
+            if !endpoints.contains_key(k) {
                 remove_ok(self.endpoints.remove(k)).map_err(werr(map_names::ENDPOINTS))?;
                 c.removed += 1;
             }
         }
+        // Policies no endpoint uses any more.
+        let in_use: BTreeSet<u32> = endpoints
+            .values()
+            .flat_map(|v| [v.ingress_policy, v.egress_policy])
+            .collect();
+        let stale: Vec<Arc<Vec<CompiledRule>>> = self
+            .programmed
+            .iter()
+            .filter(|(_, p)| !in_use.contains(&p.id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some(p) = self.programmed.remove(&k) {
+                self.remove_entries(&p.entries, &mut c)?;
+            }
+        }
+        if !self.orphans.is_empty() {
+            let orphans = std::mem::take(&mut self.orphans);
+            self.remove_entries(&orphans, &mut c)?;
+        }
+        self.applied_endpoints = endpoints;
         for k in self.applied.nodes.keys() {
             if !desired.nodes.contains_key(k) {
                 remove_ok(self.nodes.remove(k)).map_err(werr(map_names::NODES))?;

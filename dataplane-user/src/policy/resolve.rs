@@ -1,0 +1,491 @@
+//! From policies, endpoints and namespaces to each local endpoint's ordered rules, with
+//! selectors resolved to addresses and named ports to numbers — the input of
+//! [`super::compile`].
+//!
+//! Semantics (Calico's, which Kubernetes NetworkPolicy translates into):
+//! - A NetworkPolicy applies to the endpoints of its namespace its selector matches; a
+//!   GlobalNetworkPolicy to those its selector (and namespaceSelector) match, anywhere.
+//! - Policies are evaluated by `order` (then name); the first matching rule decides. `Pass`
+//!   skips the remaining policies: the namespace profile decides, and it allows. `Log`
+//!   decides nothing. No matching rule: denied, once any policy applies in that direction;
+//!   no policy at all: allowed.
+//! - In a rule, the side that is the endpoint itself (destination of an ingress rule, source
+//!   of an egress rule) is checked here, once; the other side becomes an address set.
+//!   A selector in a NetworkPolicy rule matches endpoints of the policy's namespace unless
+//!   the rule has a namespaceSelector.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use dataplane_common::verdict;
+use ipnet::Ipv4Net;
+
+use super::{
+    compile::{CompiledRule, IpSet, PortSet, ProtoMatch, Term},
+    selector::{Labels, Selector},
+};
+use crate::datastore::policy::{
+    Action, EntityRule, KIND_GLOBAL_NETWORK_POLICY, NetworkPolicy, PolicyType, PortMatch,
+    Protocol,
+};
+
+/// A port with a name on an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NamedPort {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// A workload endpoint as policy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    /// Including `projectcalico.org/namespace` and `projectcalico.org/orchestrator`.
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+}
+
+#[derive(Clone, Debug)]
+struct Entity {
+    nets: Vec<Ipv4Net>,
+    not_nets: Vec<Ipv4Net>,
+    selector: Option<Selector>,
+    not_selector: Option<Selector>,
+    namespace_selector: Option<Selector>,
+    ports: Vec<PortMatch>,
+    not_ports: Vec<PortMatch>,
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    /// ALLOW or DENY (Pass is an allow: the profile allows).
+    action: u8,
+    proto: ProtoMatch,
+    /// ICMP type/code as "ports" (type << 8 | code).
+    icmp: PortSet,
+    source: Entity,
+    destination: Entity,
+    origin: String,
+}
+
+/// A policy, parsed and checked.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// `None` for a GlobalNetworkPolicy.
+    pub namespace: Option<String>,
+    pub name: String,
+    pub order: f64,
+    selector: Selector,
+    namespace_selector: Option<Selector>,
+    ingress: Option<Vec<Rule>>,
+    egress: Option<Vec<Rule>>,
+}
+
+fn opt_selector(s: &str) -> Result<Option<Selector>, String> {
+    if s.trim().is_empty() {
+        Ok(None)
+    } else {
+        Selector::parse(s).map(Some).map_err(|e| e.to_string())
+    }
+}
+
+fn nets(list: &[String]) -> Result<Vec<Ipv4Net>, String> {
+    list.iter()
+        .map(|n| {
+            n.parse::<Ipv4Net>()
+                .or_else(|_| n.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                .map(|n| n.trunc())
+                .map_err(|_| format!("bad net {n:?}"))
+        })
+        .collect()
+}
+
+fn entity(e: &EntityRule) -> Result<Entity, String> {
+    let ports = |l: &[crate::datastore::policy::Port]| -> Result<Vec<PortMatch>, String> {
+        l.iter().map(|p| p.parse()).collect()
+    };
+    Ok(Entity {
+        nets: nets(&e.nets)?,
+        not_nets: nets(&e.not_nets)?,
+        selector: opt_selector(&e.selector)?,
+        not_selector: opt_selector(&e.not_selector)?,
+        namespace_selector: opt_selector(&e.namespace_selector)?,
+        ports: ports(&e.ports)?,
+        not_ports: ports(&e.not_ports)?,
+    })
+}
+
+fn icmp_range(t: Option<u8>, c: Option<u8>) -> Option<(u16, u16)> {
+    let t = u16::from(t?);
+    Some(match c {
+        Some(c) => (t << 8 | u16::from(c), t << 8 | u16::from(c)),
+        None => (t << 8, t << 8 | 0xff),
+    })
+}
+
+fn rule(r: &crate::datastore::policy::Rule, origin: String) -> Result<Option<Rule>, String> {
+    let action = match r.action {
+        Action::Allow | Action::Pass => verdict::ALLOW,
+        Action::Deny => verdict::DENY,
+        Action::Log => return Ok(None),
+    };
+    if r.ip_version == Some(6) {
+        return Ok(None);
+    }
+    let number = |p: &Option<Protocol>| p.as_ref().map(Protocol::number).transpose();
+    let proto = match (number(&r.protocol)?, number(&r.not_protocol)?) {
+        (Some(p), Some(n)) if p == n => return Ok(None),
+        (Some(p), _) => ProtoMatch::Is(p),
+        (None, Some(n)) => ProtoMatch::Not(n),
+        (None, None) => ProtoMatch::Any,
+    };
+    let mut icmp = PortSet::default();
+    if let Some(i) = &r.icmp
+        && let Some(range) = icmp_range(i.type_, i.code)
+    {
+        icmp.any_of = Some(vec![range]);
+    }
+    if let Some(i) = &r.not_icmp
+        && let Some(range) = icmp_range(i.type_, i.code)
+    {
+        icmp.none_of.push(range);
+    }
+    Ok(Some(Rule {
+        action,
+        proto,
+        icmp,
+        source: entity(&r.source)?,
+        destination: entity(&r.destination)?,
+        origin,
+    }))
+}
+
+impl Policy {
+    /// Parses a stored policy; `Err` says what is wrong (the policy is then not used).
+    pub fn parse(namespace: Option<&str>, p: &NetworkPolicy) -> Result<Self, String> {
+        let global = p.kind == KIND_GLOBAL_NETWORK_POLICY;
+        let namespace = if global {
+            None
+        } else {
+            Some(namespace.unwrap_or("default").to_owned())
+        };
+        let name = p.metadata.name.clone();
+        let full = match &namespace {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.clone(),
+        };
+        let rules = |t: PolicyType, list: &[crate::datastore::policy::Rule]| {
+            if !p.spec.applies_to(t) {
+                return Ok(None);
+            }
+            let dir = if t == PolicyType::Ingress {
+                "ingress"
+            } else {
+                "egress"
+            };
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, r)| rule(r, format!("{full} {dir} #{i}")).transpose())
+                .collect::<Result<Vec<_>, String>>()
+                .map(Some)
+        };
+        Ok(Self {
+            selector: opt_selector(&p.spec.selector)?.unwrap_or_else(Selector::all),
+            namespace_selector: if global {
+                opt_selector(&p.spec.namespace_selector)?
+            } else {
+                None
+            },
+            ingress: rules(PolicyType::Ingress, &p.spec.ingress)?,
+            egress: rules(PolicyType::Egress, &p.spec.egress)?,
+            order: p.spec.order(),
+            namespace,
+            name,
+        })
+    }
+}
+
+/// Everything policy resolution looks at.
+pub struct Resolver<'a> {
+    endpoints: &'a [Endpoint],
+    namespaces: &'a BTreeMap<String, Labels>,
+    policies: Vec<&'a Policy>,
+    /// Addresses matched by (scope namespace, selector, namespace selector).
+    cache: RefCell<HashMap<(Option<String>, String, String), Vec<Ipv4Net>>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(
+        endpoints: &'a [Endpoint],
+        namespaces: &'a BTreeMap<String, Labels>,
+        policies: impl IntoIterator<Item = &'a Policy>,
+    ) -> Self {
+        let mut policies: Vec<&Policy> = policies.into_iter().collect();
+        policies.sort_by(|a, b| {
+            a.order
+                .total_cmp(&b.order)
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.namespace.cmp(&b.namespace))
+        });
+        Self {
+            endpoints,
+            namespaces,
+            policies,
+            cache: RefCell::default(),
+        }
+    }
+
+    fn ns_labels(&self, ns: &str) -> Labels {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.entry("kubernetes.io/metadata.name".to_owned())
+            .or_insert_with(|| ns.to_owned());
+        l
+    }
+
+    fn applies(&self, p: &Policy, ep: &Endpoint) -> bool {
+        if let Some(ns) = &p.namespace
+            && *ns != ep.namespace
+        {
+            return false;
+        }
+        p.selector.matches(&ep.labels)
+            && p
+                .namespace_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&self.ns_labels(&ep.namespace)))
+    }
+
+    /// The endpoints a rule side's selectors can match: `scope` is the policy's namespace.
+    fn in_scope<'b>(
+        &'b self,
+        scope: Option<&'b str>,
+        namespace_selector: Option<&'b Selector>,
+    ) -> impl Iterator<Item = &'b Endpoint> + 'b {
+        self.endpoints.iter().filter(move |e| match namespace_selector {
+            Some(s) => s.matches(&self.ns_labels(&e.namespace)),
+            None => scope.is_none_or(|ns| ns == e.namespace),
+        })
+    }
+
+    fn addresses(
+        &self,
+        scope: Option<&str>,
+        selector: Option<&Selector>,
+        namespace_selector: Option<&Selector>,
+    ) -> Vec<Ipv4Net> {
+        let key = (
+            scope.map(str::to_owned),
+            selector.map(ToString::to_string).unwrap_or_default(),
+            namespace_selector
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
+        if let Some(v) = self.cache.borrow().get(&key) {
+            return v.clone();
+        }
+        let mut v: Vec<Ipv4Net> = self
+            .in_scope(scope, namespace_selector)
+            .filter(|e| selector.is_none_or(|s| s.matches(&e.labels)))
+            .map(|e| Ipv4Net::from(e.ip))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        self.cache.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    /// Whether `ep` (the local side of a rule) satisfies `side`.
+    fn local_matches(&self, scope: Option<&str>, side: &Entity, ep: &Endpoint) -> bool {
+        let in_any = |l: &[Ipv4Net]| l.iter().any(|n| n.contains(&ep.ip));
+        if !side.nets.is_empty() && !in_any(&side.nets) || in_any(&side.not_nets) {
+            return false;
+        }
+        let ns_ok = match &side.namespace_selector {
+            Some(s) => s.matches(&self.ns_labels(&ep.namespace)),
+            None => scope.is_none_or(|ns| ns == ep.namespace),
+        };
+        let selected = side.selector.is_some() || side.namespace_selector.is_some();
+        if selected && !(ns_ok && side.selector.as_ref().is_none_or(|s| s.matches(&ep.labels))) {
+            return false;
+        }
+        if let Some(s) = &side.not_selector
+            && ns_ok
+            && s.matches(&ep.labels)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// The rules for `ep` in one direction; `None` when no policy applies to it there.
+    pub fn rules_for(&self, ep: &Endpoint, ingress: bool) -> Option<Vec<CompiledRule>> {
+        let mut out = Vec::new();
+        let mut any = false;
+        for p in self.policies.iter().filter(|p| self.applies(p, ep)) {
+            let Some(rules) = (if ingress { &p.ingress } else { &p.egress }) else {
+                continue;
+            };
+            any = true;
+            for r in rules {
+                if let Some(c) = self.resolve(p, r, ep, ingress) {
+                    out.push(c);
+                }
+            }
+        }
+        any.then_some(out)
+    }
+
+    fn resolve(&self, p: &Policy, r: &Rule, ep: &Endpoint, ingress: bool) -> Option<CompiledRule> {
+        let scope = p.namespace.as_deref();
+        let (local, peer) = if ingress {
+            (&r.destination, &r.source)
+        } else {
+            (&r.source, &r.destination)
+        };
+        if !self.local_matches(scope, local, ep) {
+            return None;
+        }
+        let proto = r.proto;
+        let rule_proto = match proto {
+            ProtoMatch::Is(p) => Some(p),
+            _ => None,
+        };
+        // Ports by number, and named ports resolved against one endpoint.
+        let numbered = |list: &[PortMatch]| -> Vec<(u16, u16)> {
+            list.iter()
+                .filter_map(|m| match m {
+                    PortMatch::Range(a, b) => Some((*a, *b)),
+                    PortMatch::Named(_) => None,
+                })
+                .collect()
+        };
+        let named_on = |list: &[PortMatch], e: &Endpoint| -> Vec<(u16, u16)> {
+            list.iter()
+                .filter_map(|m| match m {
+                    PortMatch::Named(n) => e
+                        .ports
+                        .iter()
+                        .find(|np| np.name == *n && rule_proto.is_none_or(|p| p == np.proto))
+                        .map(|np| (np.port, np.port)),
+                    PortMatch::Range(..) => None,
+                })
+                .collect()
+        };
+        let has_named = |list: &[PortMatch]| list.iter().any(|m| matches!(m, PortMatch::Named(_)));
+        // The local side's ports resolve against this endpoint.
+        let local_set = |e: &Entity| -> PortSet {
+            let mut any_of = numbered(&e.ports);
+            any_of.extend(named_on(&e.ports, ep));
+            let mut none_of = numbered(&e.not_ports);
+            none_of.extend(named_on(&e.not_ports, ep));
+            PortSet {
+                any_of: (!e.ports.is_empty()).then_some(any_of),
+                none_of,
+            }
+        };
+        let local_ports = local_set(local);
+        if local_ports.any_of.as_ref().is_some_and(Vec::is_empty) {
+            return None;
+        }
+
+        // The peer's addresses.
+        let mut peer_set = IpSet::default();
+        if !peer.nets.is_empty() {
+            peer_set.all_of.push(peer.nets.clone());
+        }
+        let selected = peer.selector.is_some() || peer.namespace_selector.is_some();
+        if selected {
+            peer_set.all_of.push(self.addresses(
+                scope,
+                peer.selector.as_ref(),
+                peer.namespace_selector.as_ref(),
+            ));
+        }
+        peer_set.none_of.clone_from(&peer.not_nets);
+        if let Some(s) = &peer.not_selector {
+            peer_set.none_of.extend(self.addresses(
+                scope,
+                Some(s),
+                peer.namespace_selector.as_ref(),
+            ));
+        }
+
+        let term = |peer: IpSet, peer_ports: PortSet| {
+            let (mut dport, sport) = if ingress {
+                (local_ports.clone(), peer_ports)
+            } else {
+                (peer_ports, local_ports.clone())
+            };
+            if proto == ProtoMatch::Is(1) && dport.is_all() {
+                dport = r.icmp.clone();
+            }
+            Term {
+                proto,
+                peer,
+                dport,
+                sport,
+            }
+        };
+        let mut terms = Vec::new();
+        if !has_named(&peer.ports) && !has_named(&peer.not_ports) {
+            terms.push(term(
+                peer_set,
+                PortSet {
+                    any_of: (!peer.ports.is_empty()).then(|| numbered(&peer.ports)),
+                    none_of: numbered(&peer.not_ports),
+                },
+            ));
+        } else {
+            // Named ports on the peer side differ per peer: one term per peer endpoint.
+            let numbers = numbered(&peer.ports);
+            if !numbers.is_empty() {
+                terms.push(term(
+                    peer_set.clone(),
+                    PortSet {
+                        any_of: Some(numbers),
+                        none_of: numbered(&peer.not_ports),
+                    },
+                ));
+            }
+            let candidates: Vec<&Endpoint> = if selected {
+                self.in_scope(scope, peer.namespace_selector.as_ref())
+                    .filter(|e| peer.selector.as_ref().is_none_or(|s| s.matches(&e.labels)))
+                    .collect()
+            } else {
+                self.endpoints.iter().collect()
+            };
+            for e in candidates {
+                let mut any_of = named_on(&peer.ports, e);
+                if peer.ports.is_empty() {
+                    any_of = Vec::new();
+                } else if any_of.is_empty() {
+                    continue;
+                }
+                let mut none_of = numbered(&peer.not_ports);
+                none_of.extend(named_on(&peer.not_ports, e));
+                let mut one = peer_set.clone();
+                one.all_of.push(vec![Ipv4Net::from(e.ip)]);
+                terms.push(term(
+                    one,
+                    PortSet {
+                        any_of: (!peer.ports.is_empty()).then_some(any_of),
+                        none_of,
+                    },
+                ));
+            }
+        }
+        if terms.is_empty() {
+            return None;
+        }
+        Some(CompiledRule {
+            action: r.action,
+            terms,
+            origin: r.origin.clone(),
+        })
+    }
+}
