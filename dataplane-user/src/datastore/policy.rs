@@ -273,7 +273,12 @@ mod tests {
         .unwrap();
         let r = &p.spec.ingress[0];
         assert_eq!(r.protocol.as_ref().unwrap().number(), Ok(6));
-        let ports: Vec<_> = r.destination.ports.iter().map(|p| p.parse().unwrap()).collect();
+        let ports: Vec<_> = r
+            .destination
+            .ports
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
         assert_eq!(
             ports,
             vec![
