@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use dataplane_common::{
-    CounterKey, Counters, EndpointValue, NodeConfig, RouteValue, counter, map_names,
+    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, RouteValue,
+    counter, map_names,
 };
 
 use crate::bpffs;
@@ -111,4 +112,65 @@ pub fn write_config(root: &Path, cfg: NodeConfig) -> Result<(), MapsError> {
     let mut map: Array<MapData, NodeConfig> =
         Array::try_from(Map::Array(open_pinned(root, map_names::CONFIG)?)).map_err(err)?;
     map.set(0, cfg, 0).map_err(err)
+}
+
+/// Writes one endpoint (the agent's sync does this from etcd; tools and tests without etcd
+/// use this).
+pub fn write_endpoint(root: &Path, ifindex: u32, ep: EndpointValue) -> Result<(), MapsError> {
+    let err = |source| MapsError::Read {
+        name: map_names::ENDPOINTS,
+        source,
+    };
+    let mut map: HashMap<MapData, u32, EndpointValue> =
+        HashMap::try_from(Map::HashMap(open_pinned(root, map_names::ENDPOINTS)?)).map_err(err)?;
+    map.insert(ifindex, ep, 0).map_err(err)
+}
+
+/// The conntrack map pinned under `root`.
+pub fn open_conntrack(root: &Path) -> Result<HashMap<MapData, CtKey, CtValue>, MapsError> {
+    HashMap::try_from(Map::HashMap(open_pinned(root, map_names::CONNTRACK)?)).map_err(|source| {
+        MapsError::Read {
+            name: map_names::CONNTRACK,
+            source,
+        }
+    })
+}
+
+/// CLOCK_MONOTONIC now in nanoseconds: the clock of the programs' `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Removes expired conntrack entries (the programs already treat them as absent; this gives
+/// their slots back). Returns (entries kept, entries removed). Runs in the agent off the
+/// packet path.
+pub fn sweep_conntrack(root: &Path, timeouts: &CtTimeouts) -> Result<(usize, usize), MapsError> {
+    let mut map = open_conntrack(root)?;
+    let now = monotonic_ns();
+    let mut expired = Vec::new();
+    let mut kept = 0;
+    for entry in map.iter() {
+        let Ok((k, v)) = entry else {
+            // Deleted by the programs meanwhile, or the walk restarted: the next sweep sees it.
+            continue;
+        };
+        if timeouts.expired(&v, k.proto, now) {
+            expired.push(k);
+        } else {
+            kept += 1;
+        }
+    }
+    let mut removed = 0;
+    for k in expired {
+        if map.remove(&k).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok((kept, removed))
 }

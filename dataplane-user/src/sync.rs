@@ -206,7 +206,9 @@ impl Model {
                 }
             }
             (DsKey::Profile(name), value) => {
-                if let Some(ns) = name.strip_prefix(crate::datastore::keys::NAMESPACE_PROFILE_PREFIX) {
+                if let Some(ns) =
+                    name.strip_prefix(crate::datastore::keys::NAMESPACE_PROFILE_PREFIX)
+                {
                     match value.and_then(|v| decode::<crate::datastore::Profile>(key, v)) {
                         Some(p) => {
                             self.namespaces.insert(ns.to_owned(), p.labels_to_apply());
@@ -273,14 +275,21 @@ impl Model {
     fn policy_endpoints(&self) -> Vec<(&WorkloadEndpoint, resolve::Endpoint)> {
         let mut out = Vec::new();
         for wep in self.weps.values() {
-            let ns = wep.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+            let ns = wep
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned());
             let pod = self.pods.get(&(ns.clone(), wep.spec.pod.clone()));
             let mut labels = wep.metadata.labels.clone().unwrap_or_default();
             if let Some(p) = pod {
                 labels.extend(p.labels.clone());
             }
             labels.insert("projectcalico.org/namespace".to_owned(), ns.clone());
-            labels.insert("projectcalico.org/orchestrator".to_owned(), "k8s".to_owned());
+            labels.insert(
+                "projectcalico.org/orchestrator".to_owned(),
+                "k8s".to_owned(),
+            );
             let mut ports: Vec<NamedPort> = wep
                 .spec
                 .ports
@@ -501,7 +510,12 @@ impl Model {
         let mut shared: std::collections::HashMap<Vec<CompiledRule>, Arc<Vec<CompiledRule>>> =
             std::collections::HashMap::new();
         let mut share = |rules: Option<Vec<CompiledRule>>| {
-            rules.map(|v| shared.entry(v.clone()).or_insert_with(|| Arc::new(v)).clone())
+            rules.map(|v| {
+                shared
+                    .entry(v.clone())
+                    .or_insert_with(|| Arc::new(v))
+                    .clone()
+            })
         };
         for &(idx, ip) in local {
             let Some(ep) = endpoints.iter().find(|e| e.ip == ip) else {
@@ -796,21 +810,58 @@ async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(
         entries = entries.len(),
         written = c.written,
         removed = c.removed,
+        compiled = c.compiled,
         "maps in sync with etcd"
     );
+    let mut programmed = revision;
+    report_status(ds, me, programmed).await;
     let mut watch = ds.watch(PREFIX, revision + 1).await.map_err(Box::new)?;
-    while let Some((events, revision)) = watch.next().await.map_err(Box::new)? {
-        if events.is_empty() {
-            continue;
+    let mut refresh = tokio::time::interval(STATUS_REFRESH);
+    loop {
+        let next = tokio::select! {
+            n = watch.next() => n.map_err(Box::new)?,
+            _ = refresh.tick() => {
+                report_status(ds, me, programmed).await;
+                continue;
+            }
+        };
+        let Some((events, revision)) = next else {
+            break;
+        };
+        if !events.is_empty() {
+            let started = Instant::now();
+            for e in &events {
+                model.apply(&e.key, e.value.as_deref());
+            }
+            let c = writer.apply(model.desired(me, ifindex))?;
+            debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
         }
-        let started = Instant::now();
-        for e in &events {
-            model.apply(&e.key, e.value.as_deref());
+        if revision > programmed {
+            programmed = revision;
+            report_status(ds, me, programmed).await;
         }
-        let c = writer.apply(model.desired(me, ifindex))?;
-        debug!(revision, events = events.len(), written = c.written, removed = c.removed, took = ?started.elapsed(), "applied");
     }
     Ok(())
+}
+
+/// How often an agent refreshes its status key (its liveness).
+pub const STATUS_REFRESH: Duration = Duration::from_secs(5);
+
+/// The status key of node `node`: the revision its maps reflect, and when it said so.
+pub fn status_key(node: &str) -> String {
+    format!("/dataplane/v1/status/{node}")
+}
+
+/// Records that this node's maps reflect etcd up to `revision`. A failure is logged only:
+/// the next write or refresh tries again.
+async fn report_status(ds: &Datastore, me: &str, revision: i64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let v = serde_json::json!({"node": me, "revision": revision, "updatedAtMs": now_ms});
+    if let Err(e) = ds.put(&status_key(me), &v).await {
+        debug!(error = %e, "status not recorded");
+    }
 }
 
 /// Keeps the maps in step with etcd for node `me`, forever: on any error (etcd down, watch

@@ -126,6 +126,7 @@ impl TestObject {
                 host_ifindex,
                 host_mtu: 1500,
                 _pad: 0,
+                ct_timeouts: dataplane_common::CtTimeouts::DEFAULT,
             },
             0,
         )
@@ -154,6 +155,8 @@ impl TestObject {
                 ip: ip.octets(),
                 mac,
                 flags: 0,
+                ingress_policy: 0,
+                egress_policy: 0,
             },
             0,
         )

@@ -23,7 +23,12 @@ fn all_hooks() -> [(&'static str, u8); 4] {
 #[test]
 fn root_every_program_passes_and_counts_an_ipv4_udp_packet_untouched() {
     require_root();
-    let obj = TestObject::load();
+    let mut obj = TestObject::load();
+    obj.add_endpoint(
+        TEST_RUN_IFINDEX,
+        Ipv4Addr::new(10, 65, 0, 2),
+        [2, 0, 0, 0, 0, 2],
+    );
     let pkt = udp_frame(
         Ipv4Addr::new(10, 65, 0, 2),
         Ipv4Addr::new(10, 65, 0, 3),
@@ -104,6 +109,8 @@ fn node_object() -> TestObject {
     let mut obj = TestObject::load();
     obj.set_config(NODE, 1);
     obj.add_node(PEER);
+    // test_run runs the programs as if on ifindex 1: that is the pod's veth here.
+    obj.add_endpoint(TEST_RUN_IFINDEX, POD, POD_MAC);
     obj.add_route(
         Ipv4Addr::new(10, 65, 0, 128),
         26,

@@ -448,8 +448,9 @@ impl Context<'_> {
         }
     }
 
-    /// The WorkloadEndpoint of this attachment, with the pod's and its namespace's labels when
-    /// the datastore knows them.
+    /// The WorkloadEndpoint of this attachment, with the pod's labels when the datastore knows
+    /// the pod (`ctl apply` of a Kubernetes Pod). Namespace labels stay on the namespace's
+    /// profile: a pod selector must not see them.
     async fn endpoint(
         &self,
         ds: &Datastore,
@@ -464,14 +465,17 @@ impl Context<'_> {
         };
         let mut labels = BTreeMap::new();
         let profile = format!("kns.{namespace}");
-        match ds.get_profile(&profile).await {
+        let pod_key = format!("/calico/k8s/pods/{namespace}/{pod}");
+        match ds.get::<serde_json::Value>(&pod_key).await {
             Ok(Some(p)) => {
-                for (k, v) in p.labels_to_apply() {
-                    labels.insert(k, v);
+                if let Some(l) = p.value.pointer("/metadata/labels").and_then(|l| {
+                    serde_json::from_value::<BTreeMap<String, String>>(l.clone()).ok()
+                }) {
+                    labels.extend(l);
                 }
             }
             Ok(None) => {}
-            Err(e) => warn!(%profile, error = %e, "namespace labels unavailable"),
+            Err(e) => warn!(key = %pod_key, error = %e, "pod labels unavailable"),
         }
         labels.insert("projectcalico.org/namespace".to_owned(), namespace.clone());
         labels.insert(

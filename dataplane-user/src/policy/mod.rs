@@ -2,5 +2,5 @@
 //! to the BPF policy maps.
 
 pub mod compile;
-pub mod selector;
 pub mod resolve;
+pub mod selector;

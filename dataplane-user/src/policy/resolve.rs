@@ -28,8 +28,7 @@ use super::{
     selector::{Labels, Selector},
 };
 use crate::datastore::policy::{
-    Action, EntityRule, KIND_GLOBAL_NETWORK_POLICY, NetworkPolicy, PolicyType, PortMatch,
-    Protocol,
+    Action, EntityRule, KIND_GLOBAL_NETWORK_POLICY, NetworkPolicy, PolicyType, PortMatch, Protocol,
 };
 
 /// A port with a name on an endpoint.
@@ -254,8 +253,7 @@ impl<'a> Resolver<'a> {
             return false;
         }
         p.selector.matches(&ep.labels)
-            && p
-                .namespace_selector
+            && p.namespace_selector
                 .as_ref()
                 .is_none_or(|s| s.matches(&self.ns_labels(&ep.namespace)))
     }
@@ -266,10 +264,12 @@ impl<'a> Resolver<'a> {
         scope: Option<&'b str>,
         namespace_selector: Option<&'b Selector>,
     ) -> impl Iterator<Item = &'b Endpoint> + 'b {
-        self.endpoints.iter().filter(move |e| match namespace_selector {
-            Some(s) => s.matches(&self.ns_labels(&e.namespace)),
-            None => scope.is_none_or(|ns| ns == e.namespace),
-        })
+        self.endpoints
+            .iter()
+            .filter(move |e| match namespace_selector {
+                Some(s) => s.matches(&self.ns_labels(&e.namespace)),
+                None => scope.is_none_or(|ns| ns == e.namespace),
+            })
     }
 
     fn addresses(
