@@ -43,6 +43,31 @@ pub struct AgentOptions {
     pub etcd_endpoints: Vec<String>,
     pub host_iface: String,
     pub bpffs_dir: PathBuf,
+    /// Conntrack timeouts, written to the config map.
+    pub ct_timeouts: dataplane_common::CtTimeouts,
+}
+
+/// How often expired conntrack entries are removed.
+const CT_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Removes expired conntrack entries now and then, off the packet path (the programs treat
+/// an expired entry as absent already; this frees its slot).
+async fn sweep_conntrack(root: PathBuf, timeouts: dataplane_common::CtTimeouts) {
+    let mut every = tokio::time::interval(CT_SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        let root = root.clone();
+        match tokio::task::spawn_blocking(move || crate::maps::sweep_conntrack(&root, &timeouts))
+            .await
+        {
+            Ok(Ok((kept, removed))) if removed > 0 => {
+                tracing::debug!(kept, removed, "conntrack swept");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "conntrack sweep failed"),
+            Err(e) => warn!(error = %e, "conntrack sweep task failed"),
+        }
+    }
 }
 
 fn ifindex_of(name: &str) -> Option<u32> {
@@ -168,6 +193,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
         Some((ds, writer))
     };
+    let timeouts = opts.ct_timeouts;
     let host_addr = netlink::ipv4_of(host_ifindex).await?;
     let node_ip = host_addr.map_or([0; 4], |a| a.addr().octets());
     crate::maps::write_config(
@@ -177,7 +203,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             host_ifindex,
             host_mtu: netlink::mtu_of(host_ifindex).await?.unwrap_or(0),
             _pad: 0,
-            ct_timeouts: dataplane_common::CtTimeouts::DEFAULT,
+            ct_timeouts: timeouts,
         },
     )?;
     let (links, mut events) = netlink::watch_links().await?;
@@ -228,6 +254,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     if sync_task.is_none() {
         info!("no --etcd-endpoints: routes and endpoints maps are not synced");
     }
+    let sweep_task = tokio::spawn(sweep_conntrack(pins.root().to_owned(), timeouts));
 
     tokio::pin!(shutdown);
     loop {
@@ -237,6 +264,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                 if let Some(task) = sync_task {
                     task.abort();
                 }
+                sweep_task.abort();
                 return Ok(());
             }
             event = events.next() => {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use dataplane_common::CtTimeouts;
 
 use crate::DEFAULT_BPFFS_DIR;
 
@@ -145,6 +146,43 @@ pub struct AgentArgs {
     /// Where this agent pins its maps and links (one directory per agent; it is locked).
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
+    /// Conntrack: seconds an unanswered TCP handshake is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_syn, value_name = "SECS")]
+    pub ct_tcp_syn_timeout: u32,
+    /// Conntrack: seconds an idle established TCP connection is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_established, value_name = "SECS")]
+    pub ct_tcp_established_timeout: u32,
+    /// Conntrack: seconds a closing (FIN) TCP connection is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_fin, value_name = "SECS")]
+    pub ct_tcp_fin_timeout: u32,
+    /// Conntrack: seconds a reset TCP connection is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_reset, value_name = "SECS")]
+    pub ct_tcp_reset_timeout: u32,
+    /// Conntrack: seconds an idle UDP flow is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.udp, value_name = "SECS")]
+    pub ct_udp_timeout: u32,
+    /// Conntrack: seconds an idle ICMP echo flow is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.icmp, value_name = "SECS")]
+    pub ct_icmp_timeout: u32,
+    /// Conntrack: seconds an idle flow of any other protocol is kept.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.other, value_name = "SECS")]
+    pub ct_other_timeout: u32,
+}
+
+impl AgentArgs {
+    /// The conntrack timeouts the flags give.
+    pub fn ct_timeouts(&self) -> CtTimeouts {
+        CtTimeouts {
+            tcp_syn: self.ct_tcp_syn_timeout,
+            tcp_established: self.ct_tcp_established_timeout,
+            tcp_fin: self.ct_tcp_fin_timeout,
+            tcp_reset: self.ct_tcp_reset_timeout,
+            udp: self.ct_udp_timeout,
+            icmp: self.ct_icmp_timeout,
+            other: self.ct_other_timeout,
+            _pad: 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -153,8 +191,13 @@ pub enum DumpKind {
     Counters,
     /// The routes map: local pods, remote blocks and hosts, pools, with their flags.
     Routes,
-    /// The endpoints map: this node's pods by host veth.
+    /// The endpoints map: this node's pods by host veth, with their policy ids.
     Endpoints,
+    /// The compiled policies: per policy id and address class, the verdict per protocol and
+    /// port block, with the deciding rule.
+    Policy,
+    /// Tracked connections: tuple, state, age, packets each way, approvals.
+    Conntrack,
     /// Every kind above.
     All,
 }

@@ -185,6 +185,9 @@ pub struct EndpointRow {
     pub iface: Option<String>,
     pub ip: String,
     pub mac: String,
+    /// Compiled policy ids (0: no policy in that direction, all allowed).
+    pub ingress_policy: u32,
+    pub egress_policy: u32,
 }
 
 pub fn endpoint_rows(root: &Path) -> Result<Vec<EndpointRow>, MapsError> {
@@ -195,22 +198,215 @@ pub fn endpoint_rows(root: &Path) -> Result<Vec<EndpointRow>, MapsError> {
             iface: iface_name(ifindex),
             ip: std::net::Ipv4Addr::from(v.ip).to_string(),
             mac: mac_text(v.mac),
+            ingress_policy: v.ingress_policy,
+            egress_policy: v.egress_policy,
         })
         .collect())
 }
 
 pub fn endpoints_table(rows: &[EndpointRow]) -> String {
+    let policy = |id: u32| {
+        if id == 0 {
+            "none".to_owned()
+        } else {
+            id.to_string()
+        }
+    };
     let mut out = format!(
-        "{:>7}  {:<16}  {:<15}  {}\n",
-        "IFINDEX", "IFACE", "IP", "MAC"
+        "{:>7}  {:<16}  {:<15}  {:<17}  {:>7}  {:>7}\n",
+        "IFINDEX", "IFACE", "IP", "MAC", "IN-POL", "OUT-POL"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:>7}  {:<16}  {:<15}  {}\n",
+            "{:>7}  {:<16}  {:<15}  {:<17}  {:>7}  {:>7}\n",
             r.ifindex,
             r.iface.as_deref().unwrap_or("(gone)"),
             r.ip,
-            r.mac
+            r.mac,
+            policy(r.ingress_policy),
+            policy(r.egress_policy),
+        ));
+    }
+    out
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "ICMP".to_owned(),
+        6 => "TCP".to_owned(),
+        17 => "UDP".to_owned(),
+        132 => "SCTP".to_owned(),
+        dataplane_common::PROTO_OTHER => "other".to_owned(),
+        n => n.to_string(),
+    }
+}
+
+/// One row of `map-dump conntrack`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ConntrackRow {
+    pub proto: String,
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+    pub state: String,
+    /// Seconds since the first and the latest packet.
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub packets_fwd: u64,
+    pub packets_rev: u64,
+    /// Which ends' policies approved it: `egress` (the originator's), `ingress` (the
+    /// answerer's), and `replied`, `fin-fwd`, `fin-rev`.
+    pub flags: Vec<String>,
+}
+
+pub fn conntrack_rows(root: &Path) -> Result<Vec<ConntrackRow>, MapsError> {
+    use dataplane_common::ct;
+    let map = maps::open_conntrack(root)?;
+    let now = maps::monotonic_ns();
+    let secs = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
+    let mut rows = Vec::new();
+    for entry in map.iter() {
+        let Ok((k, v)) = entry else { continue };
+        let flags = [
+            (ct::EGRESS_APPROVED, "egress"),
+            (ct::INGRESS_APPROVED, "ingress"),
+            (ct::REPLIED, "replied"),
+            (ct::FIN_FWD, "fin-fwd"),
+            (ct::FIN_REV, "fin-rev"),
+        ]
+        .iter()
+        .filter(|(b, _)| v.flags & b != 0)
+        .map(|(_, n)| (*n).to_owned())
+        .collect();
+        rows.push(ConntrackRow {
+            proto: proto_name(k.proto),
+            src: std::net::Ipv4Addr::from(k.saddr).to_string(),
+            sport: u16::from_be_bytes(k.sport),
+            dst: std::net::Ipv4Addr::from(k.daddr).to_string(),
+            dport: u16::from_be_bytes(k.dport),
+            state: ct::state_name(v.state).to_owned(),
+            age_s: secs(v.created_ns),
+            idle_s: secs(v.last_seen_ns),
+            packets_fwd: v.packets_fwd,
+            packets_rev: v.packets_rev,
+            flags,
+        });
+    }
+    rows.sort_by(|a, b| {
+        (&a.proto, &a.src, a.sport, &a.dst, a.dport)
+            .cmp(&(&b.proto, &b.src, b.sport, &b.dst, b.dport))
+    });
+    Ok(rows)
+}
+
+pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&format!(
+            "{:<5} {:>21} -> {:<21}  {:<11}  age {:.1}s  idle {:.1}s  pkts {}/{}  {}\n",
+            r.proto,
+            format!("{}:{}", r.src, r.sport),
+            format!("{}:{}", r.dst, r.dport),
+            r.state,
+            r.age_s,
+            r.idle_s,
+            r.packets_fwd,
+            r.packets_rev,
+            r.flags.join(",")
+        ));
+    }
+    out.push_str(&format!("{} connections tracked\n", rows.len()));
+    out
+}
+
+/// One row of `map-dump policy`: a verdict entry of a compiled policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PolicyRow {
+    pub policy: u32,
+    /// Address class, or a source-port table (`sport-table N`).
+    pub class: String,
+    /// The addresses in this class (the CIDRs whose longest match it is).
+    pub peers: Vec<String>,
+    pub proto: String,
+    /// `*` for every port, else the port block.
+    pub ports: String,
+    pub action: String,
+    /// Index of the deciding rule in the compiled policy; none for no-match.
+    pub rule: Option<u32>,
+}
+
+pub fn policy_rows(root: &Path) -> Result<Vec<PolicyRow>, MapsError> {
+    use dataplane_common::{POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, verdict};
+    let (ip, port) = maps::read_policy(root)?;
+    let mut peers: std::collections::BTreeMap<(u32, u32), Vec<String>> = Default::default();
+    for ((plen, k), class) in &ip {
+        peers.entry((k.policy, *class)).or_default().push(format!(
+            "{}/{}",
+            std::net::Ipv4Addr::from(k.addr),
+            plen - 32
+        ));
+    }
+    let sport_bit = crate::policy::compile::SPORT_TABLE_BIT;
+    let mut rows = Vec::new();
+    for ((plen, k), v) in &port {
+        let ports = if *plen <= POLICY_PORT_PROTO_BITS {
+            "*".to_owned()
+        } else {
+            let len = plen - POLICY_PORT_PROTO_BITS;
+            let first = u16::from_be_bytes(k.port);
+            let last = u32::from(first) + (1u32 << (16 - len)) - 1;
+            if last == u32::from(first) {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        };
+        rows.push(PolicyRow {
+            policy: k.policy,
+            class: if k.class & sport_bit != 0 {
+                format!("sport-table {}", k.class & !sport_bit)
+            } else {
+                k.class.to_string()
+            },
+            peers: peers.get(&(k.policy, k.class)).cloned().unwrap_or_default(),
+            proto: if *plen == POLICY_PORT_CLASS_BITS {
+                "other".to_owned()
+            } else {
+                proto_name(k.proto)
+            },
+            ports,
+            action: if v.sport_table != 0 {
+                format!("by source port (table {})", v.sport_table & !sport_bit)
+            } else {
+                verdict::name(v.action).to_owned()
+            },
+            rule: (v.rule != u32::MAX).then_some(v.rule),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn policy_table(rows: &[PolicyRow]) -> String {
+    let mut out = format!(
+        "{:>6}  {:>6}  {:<6}  {:<11}  {:<9}  {:>5}  {}\n",
+        "POLICY", "CLASS", "PROTO", "PORTS", "ACTION", "RULE", "PEERS"
+    );
+    for r in rows {
+        let peers = if r.peers.len() > 4 {
+            format!("{} … ({} CIDRs)", r.peers[..4].join(" "), r.peers.len())
+        } else {
+            r.peers.join(" ")
+        };
+        out.push_str(&format!(
+            "{:>6}  {:>6}  {:<6}  {:<11}  {:<9}  {:>5}  {}\n",
+            r.policy,
+            r.class,
+            r.proto,
+            r.ports,
+            r.action,
+            r.rule.map_or("-".to_owned(), |n| n.to_string()),
+            peers
         ));
     }
     out

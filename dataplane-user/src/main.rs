@@ -54,6 +54,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     match command {
         Command::Agent(args) => {
             let opts = AgentOptions {
+                ct_timeouts: args.ct_timeouts(),
                 node: args.node,
                 etcd_endpoints: args.etcd_endpoints,
                 host_iface: args.host_iface,
@@ -87,6 +88,20 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 (DumpKind::Endpoints, false) => {
                     print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?))
                 }
+                (DumpKind::Policy, false) => {
+                    print!("{}", dump::policy_table(&dump::policy_rows(root)?))
+                }
+                (DumpKind::Conntrack, false) => {
+                    print!("{}", dump::conntrack_table(&dump::conntrack_rows(root)?))
+                }
+                (DumpKind::Policy, true) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dump::policy_rows(root)?)?
+                ),
+                (DumpKind::Conntrack, true) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&dump::conntrack_rows(root)?)?
+                ),
                 (DumpKind::All, false) => {
                     println!("# counters");
                     print!("{}", dump::counters_table(&dump::counter_rows(root)?));
@@ -94,6 +109,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                     print!("{}", dump::routes_table(&dump::route_rows(root)?));
                     println!("\n# endpoints");
                     print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?));
+                    println!("\n# policy");
+                    print!("{}", dump::policy_table(&dump::policy_rows(root)?));
+                    println!("\n# conntrack");
+                    print!("{}", dump::conntrack_table(&dump::conntrack_rows(root)?));
                 }
                 (DumpKind::Counters, true) => println!(
                     "{}",
@@ -113,6 +132,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                         "counters": dump::counter_rows(root)?,
                         "routes": dump::route_rows(root)?,
                         "endpoints": dump::endpoint_rows(root)?,
+                        "policy": dump::policy_rows(root)?,
+                        "conntrack": dump::conntrack_rows(root)?,
                     }))?
                 ),
             }

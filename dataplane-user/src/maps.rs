@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use dataplane_common::{
-    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, RouteValue,
-    counter, map_names,
+    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, PolicyIpKey,
+    PolicyPortKey, RouteValue, Verdict, counter, map_names,
 };
 
 use crate::bpffs;
@@ -173,4 +173,35 @@ pub fn sweep_conntrack(root: &Path, timeouts: &CtTimeouts) -> Result<(usize, usi
         }
     }
     Ok((kept, removed))
+}
+
+/// Both policy tries: ((prefix bits, key) → class) and ((prefix bits, key) → verdict).
+#[allow(clippy::type_complexity)]
+pub fn read_policy(
+    root: &Path,
+) -> Result<
+    (
+        BTreeMap<(u32, PolicyIpKey), u32>,
+        BTreeMap<(u32, PolicyPortKey), Verdict>,
+    ),
+    MapsError,
+> {
+    let err = |name| move |source| MapsError::Read { name, source };
+    let ip: LpmTrie<MapData, PolicyIpKey, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_IP)?))
+            .map_err(err(map_names::POLICY_IP))?;
+    let port: LpmTrie<MapData, PolicyPortKey, Verdict> =
+        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_PORT)?))
+            .map_err(err(map_names::POLICY_PORT))?;
+    let mut a = BTreeMap::new();
+    for e in ip.iter() {
+        let (k, v) = e.map_err(err(map_names::POLICY_IP))?;
+        a.insert((k.prefix_len(), k.data()), v);
+    }
+    let mut b = BTreeMap::new();
+    for e in port.iter() {
+        let (k, v) = e.map_err(err(map_names::POLICY_PORT))?;
+        b.insert((k.prefix_len(), k.data()), v);
+    }
+    Ok((a, b))
 }
