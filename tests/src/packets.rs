@@ -9,7 +9,8 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use dataplane_common::{
-    CounterKey, Counters, EndpointValue, NodeConfig, NodeValue, RouteValue, counter, map_names,
+    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, NodeValue,
+    PolicyIpKey, PolicyPortKey, RouteValue, Verdict, counter, map_names,
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -68,6 +69,44 @@ pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     f.extend(ipv4(src, dst, IPPROTO_UDP, l4.len(), 64));
     f.extend(l4);
     f
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// A TCP header (20 bytes, checksum 0: the programs do not check it) with `flags`.
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&sport.to_be_bytes());
+    v.extend_from_slice(&dport.to_be_bytes());
+    v.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    v
+}
+
+/// A frame carrying `l4` as protocol `proto`.
+pub fn frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ETH_P_IP);
+    f.extend(ipv4(src, dst, proto, l4.len(), 64));
+    f.extend_from_slice(l4);
+    f
+}
+
+pub fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    frame(src, dst, IPPROTO_TCP, &tcp(sport, dport, flags))
+}
+
+pub fn udp_frame_ports(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    frame(src, dst, IPPROTO_UDP, &udp(sport, dport, b"x"))
+}
+
+/// An ICMP message: type, code, 4 bytes of rest-of-header, then `body`.
+pub fn icmp(t: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut v = vec![t, code, 0, 0];
+    v.extend_from_slice(&rest);
+    v.extend_from_slice(body);
+    let c = checksum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
 }
 
 /// The object loaded privately (nothing pinned, nothing attached) for BPF_PROG_TEST_RUN.
@@ -131,6 +170,50 @@ impl TestObject {
             0,
         )
         .unwrap();
+    }
+
+    /// Sets the config with conntrack timeouts.
+    pub fn set_config_timeouts(&mut self, node_ip: Ipv4Addr, host_ifindex: u32, t: CtTimeouts) {
+        let mut m: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        m.set(
+            0,
+            NodeConfig {
+                node_ip: node_ip.octets(),
+                host_ifindex,
+                host_mtu: 1500,
+                _pad: 0,
+                ct_timeouts: t,
+            },
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Writes an endpoint with its policy ids.
+    pub fn set_endpoint(&mut self, ifindex: u32, ep: EndpointValue) {
+        let mut m: HashMap<&mut MapData, u32, EndpointValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
+        m.insert(ifindex, ep, 0).unwrap();
+    }
+
+    /// Writes a compiled policy's entries.
+    pub fn install_policy(&mut self, e: &dataplane::policy::compile::Entries) {
+        let mut ip: LpmTrie<&mut MapData, PolicyIpKey, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY_IP).unwrap()).unwrap();
+        for (&(plen, k), v) in &e.ip {
+            ip.insert(&Key::new(plen, k), *v, 0).unwrap();
+        }
+        let mut port: LpmTrie<&mut MapData, PolicyPortKey, Verdict> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY_PORT).unwrap()).unwrap();
+        for (&(plen, k), v) in &e.port {
+            port.insert(&Key::new(plen, k), *v, 0).unwrap();
+        }
+    }
+
+    /// The conntrack map.
+    pub fn conntrack(&mut self) -> HashMap<&mut MapData, CtKey, CtValue> {
+        HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap()
     }
 
     pub fn add_route(&mut self, addr: Ipv4Addr, prefix: u32, route: RouteValue) {
