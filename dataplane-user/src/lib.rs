@@ -15,8 +15,8 @@ pub mod datastore;
 pub mod dump;
 pub mod ipam;
 pub mod maps;
-pub mod policy;
 pub mod netlink;
+pub mod policy;
 pub mod sync;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
