@@ -47,13 +47,16 @@ pub enum Command {
     ///   dataplane map-dump counters
     ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
     MapDump(MapDumpArgs),
-    /// Manage resources in etcd (IP pools, nodes) and inspect IPAM.
+    /// Manage resources in etcd (pools, nodes, policies, namespaces, pods) and inspect IPAM.
     ///
     /// Examples:
     ///   dataplane ctl --etcd-endpoints http://10.0.0.5:2379 apply -f pool.yaml
+    ///   dataplane ctl apply -f policies.yaml --wait
     ///   dataplane ctl get ippools -o json
+    ///   dataplane ctl get netpol -n prod
     ///   dataplane ctl delete node node-3
     ///   dataplane ctl ipam show
+    #[command(verbatim_doc_comment)]
     Ctl(CtlArgs),
 }
 
@@ -95,21 +98,77 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// Create or replace the resources in a file (`-` for stdin): projectcalico.org/v3 IPPool
-    /// and Node, or a v1 ipPool. Every document is validated before anything is written.
+    /// Create or replace the resources in a file (`-` for stdin, `---` between documents).
+    ///
+    /// Kinds: projectcalico.org/v3 IPPool, Node, NetworkPolicy (in metadata.namespace, default
+    /// `default`) and GlobalNetworkPolicy; the older v1 ipPool; Kubernetes
+    /// networking.k8s.io/v1 NetworkPolicy (stored translated as the Calico NetworkPolicy
+    /// knp.default.<name>, order 1000), v1 Namespace (stored as the Profile kns.<ns> with its
+    /// labels) and v1 Pod (its labels and named ports). Every document is validated before
+    /// anything is written: one bad document and nothing is.
+    ///
+    /// With --wait, it then waits until every live node's agent reports the written revision
+    /// in force (agents not heard from for 30 s are not waited for).
+    ///
+    /// Examples:
+    ///   dataplane ctl apply -f pool.yaml
+    ///   dataplane ctl apply -f deny-all.yaml --wait --wait-timeout 10
+    ///   cat namespaces.yaml pods.yaml | dataplane ctl apply -f -
+    #[command(verbatim_doc_comment)]
     Apply {
+        /// The file of YAML (or JSON) documents; `-` reads stdin.
         #[arg(short = 'f', long = "filename")]
         file: String,
+        /// After writing, wait until every live node has the resources in force; fail if
+        /// some node is still behind after --wait-timeout.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 30, requires = "wait")]
+        wait_timeout: u64,
     },
-    /// Print resources of a kind (ippool, node), or one by name.
+    /// Print the resources of a kind, or one by name (YAML, or JSON with -o json).
+    ///
+    /// Kinds: ippool, node, networkpolicy (netpol, np), globalnetworkpolicy (gnp),
+    /// namespace (ns: its kns.<ns> Profile), pod, profile. NetworkPolicies and pods are
+    /// namespaced (-n, default `default`; -A for all). A Kubernetes policy may be named
+    /// without its knp.default. prefix.
+    ///
+    /// Examples:
+    ///   dataplane ctl get ippools
+    ///   dataplane ctl get networkpolicy deny-all -n prod -o json
+    ///   dataplane ctl get pods -A
+    ///   dataplane ctl get gnp
+    #[command(verbatim_doc_comment)]
     Get {
+        /// What to print (see above).
         kind: String,
+        /// One resource; without it, every one of the kind.
         name: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Yaml)]
         output: OutputFormat,
+        /// The namespace of a namespaced kind.
+        #[arg(short = 'n', long = "namespace", default_value = "default")]
+        namespace: String,
+        /// List a namespaced kind in every namespace.
+        #[arg(short = 'A', long = "all-namespaces", conflicts_with = "name")]
+        all_namespaces: bool,
     },
-    /// Delete one resource.
-    Delete { kind: String, name: String },
+    /// Delete one resource (kinds as for get).
+    ///
+    /// Examples:
+    ///   dataplane ctl delete ippool pool-a
+    ///   dataplane ctl delete netpol deny-all -n prod
+    ///   dataplane ctl delete ns prod
+    #[command(verbatim_doc_comment)]
+    Delete {
+        /// What to delete (as for get).
+        kind: String,
+        name: String,
+        /// The namespace of a namespaced kind.
+        #[arg(short = 'n', long = "namespace", default_value = "default")]
+        namespace: String,
+    },
     /// IPAM state.
     Ipam {
         #[command(subcommand)]

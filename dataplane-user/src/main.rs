@@ -158,24 +158,42 @@ async fn run_ctl(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Parse input before connecting, so a bad file fails without touching etcd.
     let manifests = match &command {
-        CtlCommand::Apply { file } => ctl::read_manifests(file)?,
+        CtlCommand::Apply { file, .. } => ctl::read_manifests(file)?,
         _ => Vec::new(),
     };
     let ds = Datastore::connect(&etcd_config(etcd)).await?;
     match command {
-        CtlCommand::Apply { .. } => {
-            for line in ctl::apply(&ds, &manifests).await? {
-                println!("{line}");
+        CtlCommand::Apply {
+            wait, wait_timeout, ..
+        } => {
+            let applied = ctl::apply(&ds, &manifests).await?;
+            for a in &applied {
+                println!("{}", a.line);
+            }
+            if wait && let Some(revision) = applied.iter().map(|a| a.mod_revision).max() {
+                let timeout = std::time::Duration::from_secs(wait_timeout);
+                println!("{}", ctl::wait_in_force(&ds, revision, timeout).await?);
             }
         }
-        CtlCommand::Get { kind, name, output } => {
-            let items = ctl::get(&ds, &kind, name.as_deref()).await?;
+        CtlCommand::Get {
+            kind,
+            name,
+            output,
+            namespace,
+            all_namespaces,
+        } => {
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            let items = ctl::get(&ds, &kind, name.as_deref(), ns).await?;
             print!("{}", ctl::format(&items, output == OutputFormat::Json)?);
             if output == OutputFormat::Json {
                 println!();
             }
         }
-        CtlCommand::Delete { kind, name } => println!("{}", ctl::delete(&ds, &kind, &name).await?),
+        CtlCommand::Delete {
+            kind,
+            name,
+            namespace,
+        } => println!("{}", ctl::delete(&ds, &kind, &name, &namespace).await?),
         CtlCommand::Ipam {
             command: IpamCommand::Show,
         } => print!("{}", ctl::ipam_show(&ds).await?),

@@ -1,13 +1,21 @@
-//! Manifests for `dataplane ctl apply`: YAML (or JSON) documents turned into Calico v3 resources
-//! with their etcd keys, validated before anything is written.
+//! Manifests for `dataplane ctl apply`: YAML (or JSON) documents turned into the resources
+//! stored in etcd, with their keys, validated before anything is written.
 //!
-//! Accepted: `projectcalico.org/v3` IPPool and Node, and the seed's older `v1` `ipPool` (with
-//! `ipip: {enabled, mode}` and `nat-outgoing`), translated to a v3 IPPool.
+//! Accepted: `projectcalico.org/v3` IPPool, Node, NetworkPolicy and GlobalNetworkPolicy; the
+//! seed's older `v1` `ipPool` (with `ipip: {enabled, mode}` and `nat-outgoing`), translated to
+//! a v3 IPPool; and Kubernetes' `networking.k8s.io/v1` NetworkPolicy (stored translated, as
+//! the Calico NetworkPolicy `knp.default.<name>`), `v1` Namespace (stored as the Profile
+//! `kns.<ns>`) and `v1` Pod (stored trimmed to its labels and ports).
 
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
-use crate::datastore::keys;
+use crate::datastore::{
+    K8sPod,
+    k8s::{DEFAULT_NAMESPACE, K8sNamespace, K8sNetworkPolicy},
+    keys,
+    policy::{K8S_POLICY_PREFIX, KIND_GLOBAL_NETWORK_POLICY, KIND_NETWORK_POLICY, NetworkPolicy},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -25,14 +33,34 @@ pub enum ManifestError {
 pub enum Kind {
     IpPool,
     Node,
+    /// Calico's namespaced NetworkPolicy (a Kubernetes one is stored as one of these).
+    NetworkPolicy,
+    GlobalNetworkPolicy,
+    /// A Kubernetes Namespace, stored as the Profile `kns.<ns>`.
+    Namespace,
+    Pod,
+    Profile,
 }
 
+/// What [`Kind::parse`] accepts, for error messages.
+pub const KNOWN_KINDS: &str = "ippool, node, networkpolicy (netpol, np), globalnetworkpolicy (gnp), namespace (ns), pod, profile";
+
 impl Kind {
-    /// Parses a kind as users type it: `ippool`, `ippools`, `IPPool`, `node`, `nodes`.
+    /// Parses a kind as users type it, in any case: singular, plural or short
+    /// (`ippool`, `nodes`, `netpol`, `np`, `gnp`, `ns`, `po`, …).
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
             "ippool" | "ippools" | "pool" | "pools" => Some(Self::IpPool),
             "node" | "nodes" => Some(Self::Node),
+            "networkpolicy" | "networkpolicies" | "netpol" | "netpols" | "np" => {
+                Some(Self::NetworkPolicy)
+            }
+            "globalnetworkpolicy" | "globalnetworkpolicies" | "gnp" | "gnps" => {
+                Some(Self::GlobalNetworkPolicy)
+            }
+            "namespace" | "namespaces" | "ns" => Some(Self::Namespace),
+            "pod" | "pods" | "po" => Some(Self::Pod),
+            "profile" | "profiles" | "pro" => Some(Self::Profile),
             _ => None,
         }
     }
@@ -41,21 +69,56 @@ impl Kind {
         match self {
             Self::IpPool => "IPPool",
             Self::Node => "Node",
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Self::Namespace => "Namespace",
+            Self::Pod => "Pod",
+            Self::Profile => "Profile",
         }
     }
 
-    pub fn key(self, name: &str) -> String {
+    /// Whether resources of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        matches!(self, Self::NetworkPolicy | Self::Pod)
+    }
+
+    /// The key of `name` (in `namespace`, for a namespaced kind; ignored otherwise).
+    pub fn key(self, namespace: &str, name: &str) -> String {
         match self {
             Self::IpPool => keys::ip_pool(name),
             Self::Node => keys::node(name),
+            Self::NetworkPolicy => keys::network_policy(namespace, name),
+            Self::GlobalNetworkPolicy => keys::global_network_policy(name),
+            Self::Namespace => keys::profile(&keys::namespace_profile_name(name)),
+            Self::Pod => keys::pod(namespace, name),
+            Self::Profile => keys::profile(name),
         }
     }
 
-    pub fn prefix(self) -> String {
-        match self {
-            Self::IpPool => keys::ip_pool(""),
-            Self::Node => keys::node(""),
+    /// The prefix of every resource of this kind (in `namespace` when given, for a namespaced
+    /// kind; in every namespace with `None`).
+    pub fn prefix(self, namespace: Option<&str>) -> String {
+        match (self, namespace) {
+            (Self::IpPool, _) => keys::ip_pool(""),
+            (Self::Node, _) => keys::node(""),
+            (Self::NetworkPolicy, Some(ns)) => keys::network_policies_of(ns),
+            (Self::NetworkPolicy, None) => keys::NETWORK_POLICIES.to_owned(),
+            (Self::GlobalNetworkPolicy, _) => keys::GLOBAL_NETWORK_POLICIES.to_owned(),
+            (Self::Namespace, _) => keys::profile(keys::NAMESPACE_PROFILE_PREFIX),
+            (Self::Pod, Some(ns)) => keys::pods_of(ns),
+            (Self::Pod, None) => keys::PODS.to_owned(),
+            (Self::Profile, _) => keys::PROFILES.to_owned(),
         }
+    }
+
+    /// The names `name` may stand for, in the order to try them: itself, and for a
+    /// NetworkPolicy also the translated Kubernetes policy `knp.default.<name>`.
+    pub fn candidate_names(self, name: &str) -> Vec<String> {
+        let mut names = vec![name.to_owned()];
+        if self == Self::NetworkPolicy && !name.starts_with(K8S_POLICY_PREFIX) {
+            names.push(format!("{K8S_POLICY_PREFIX}{name}"));
+        }
+        names
     }
 }
 
@@ -63,10 +126,22 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
     pub kind: Kind,
+    /// For namespaced kinds.
+    pub namespace: Option<String>,
     pub name: String,
     pub key: String,
-    /// The v3 resource as stored (JSON).
+    /// The resource as stored (JSON).
     pub value: Value,
+}
+
+impl Manifest {
+    /// `<namespace>/<name>` or `<name>`, as output lines name it.
+    pub fn display_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
 }
 
 /// Parses every document of `text` (YAML; JSON is YAML too). Empty documents are skipped.
@@ -105,14 +180,131 @@ fn one(doc: usize, v: Value) -> Result<Manifest, ManifestError> {
         ("projectcalico.org/v3", "IPPool") => ip_pool_v3(doc, &v),
         ("v1", "ipPool") => ip_pool_v1(doc, &v),
         ("projectcalico.org/v3", "Node") => node_v3(doc, &v),
+        ("projectcalico.org/v3", KIND_NETWORK_POLICY | KIND_GLOBAL_NETWORK_POLICY) => {
+            calico_policy(doc, &v, kind)
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => k8s_policy(doc, &v),
+        ("v1", "Namespace") => namespace(doc, &v),
+        ("v1", "Pod") => pod(doc, &v),
         ("", _) | (_, "") => Err(invalid(doc, "apiVersion and kind are required")),
         _ => Err(invalid(
             doc,
             format!(
-                "{api} {kind} is not supported (IPPool and Node of projectcalico.org/v3, v1 ipPool)"
+                "{api} {kind} is not supported (projectcalico.org/v3 IPPool, Node, NetworkPolicy, GlobalNetworkPolicy; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ipPool)"
             ),
         )),
     }
+}
+
+/// `metadata.namespace`, `default` when absent.
+fn namespace_of(v: &Value) -> String {
+    v.pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_owned()
+}
+
+/// A Calico v3 NetworkPolicy or GlobalNetworkPolicy, checked and stored as given (less what
+/// a server assigns: resourceVersion, uid, creationTimestamp).
+fn calico_policy(doc: usize, v: &Value, kind: &str) -> Result<Manifest, ManifestError> {
+    let name = name_of(doc, v)?;
+    let global = kind == KIND_GLOBAL_NETWORK_POLICY;
+    let what = if global {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {}/{name}", namespace_of(v))
+    };
+    let fail = |e: String| invalid(doc, format!("{what}: {e}"));
+    let mut p: NetworkPolicy =
+        serde_json::from_value(v.clone()).map_err(|e| fail(e.to_string()))?;
+    if !global {
+        let ns = namespace_of(v);
+        crate::datastore::k8s::check_dns_label("metadata.namespace", &ns).map_err(fail)?;
+        p.metadata.namespace = Some(ns);
+    }
+    p.metadata.resource_version = None;
+    p.metadata.uid = None;
+    p.metadata.creation_timestamp = None;
+    p.validate().map_err(fail)?;
+    let value = serde_json::to_value(&p).map_err(|e| fail(e.to_string()))?;
+    Ok(Manifest {
+        kind: if global {
+            Kind::GlobalNetworkPolicy
+        } else {
+            Kind::NetworkPolicy
+        },
+        namespace: p.metadata.namespace.clone(),
+        key: p.key(),
+        name,
+        value,
+    })
+}
+
+/// A Kubernetes NetworkPolicy, stored as Calico's controllers store it: `knp.default.<name>`.
+fn k8s_policy(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let fail = |e: String| {
+        invalid(
+            doc,
+            format!("NetworkPolicy {}/{name}: {e}", namespace_of(v)),
+        )
+    };
+    let p = K8sNetworkPolicy::from_value(v)
+        .and_then(|p| p.to_calico())
+        .map_err(fail)?;
+    let value = serde_json::to_value(&p).map_err(|e| fail(e.to_string()))?;
+    Ok(Manifest {
+        kind: Kind::NetworkPolicy,
+        namespace: p.metadata.namespace.clone(),
+        key: p.key(),
+        name: p.metadata.name,
+        value,
+    })
+}
+
+/// A Kubernetes Namespace, stored as the Profile `kns.<ns>` with its labels.
+fn namespace(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
+    let fail = |e: String| {
+        let name = v
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        invalid(doc, format!("Namespace {name}: {e}"))
+    };
+    let ns = K8sNamespace::from_value(v).map_err(fail)?;
+    let profile = ns.to_profile().map_err(fail)?;
+    let value = serde_json::to_value(&profile).map_err(|e| fail(e.to_string()))?;
+    Ok(Manifest {
+        kind: Kind::Namespace,
+        namespace: None,
+        key: Kind::Namespace.key("", ns.name()),
+        name: ns.name().to_owned(),
+        value,
+    })
+}
+
+/// A Kubernetes Pod, stored trimmed to its labels and container ports.
+fn pod(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
+    let fail = |e: String| {
+        let name = v
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        invalid(doc, format!("Pod {}/{name}: {e}", namespace_of(v)))
+    };
+    let pod = K8sPod::from_manifest(v).map_err(fail)?;
+    let value = serde_json::to_value(&pod).map_err(|e| fail(e.to_string()))?;
+    Ok(Manifest {
+        kind: Kind::Pod,
+        namespace: Some(pod.namespace().to_owned()),
+        key: pod.key(),
+        name: pod.name().to_owned(),
+        value,
+    })
 }
 
 fn name_of(doc: usize, v: &Value) -> Result<String, ManifestError> {
@@ -232,7 +424,8 @@ fn ip_pool_v3(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
 fn pool_manifest(name: String, spec: Value) -> Manifest {
     Manifest {
         kind: Kind::IpPool,
-        key: Kind::IpPool.key(&name),
+        namespace: None,
+        key: Kind::IpPool.key("", &name),
         value: json!({
             "kind": "IPPool",
             "apiVersion": "projectcalico.org/v3",
@@ -303,7 +496,8 @@ fn node_v3(doc: usize, v: &Value) -> Result<Manifest, ManifestError> {
     }
     Ok(Manifest {
         kind: Kind::Node,
-        key: Kind::Node.key(&name),
+        namespace: None,
+        key: Kind::Node.key("", &name),
         value: json!({
             "kind": "Node",
             "apiVersion": "projectcalico.org/v3",
@@ -379,5 +573,156 @@ mod tests {
             assert!(e.contains(want), "{text:?}: {e}");
             assert!(e.starts_with("document 1"), "{e}");
         }
+    }
+
+    const MIXED: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web}}
+spec: {containers: [{name: c, image: nginx, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-web, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{ports: [{port: http}]}]
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: calico-np}
+spec: {selector: all(), ingress: [{action: Allow, protocol: TCP, destination: {ports: [80]}}]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-egress}
+spec: {selector: all(), types: [Egress]}
+";
+
+    #[test]
+    fn kubernetes_and_calico_policy_kinds() {
+        let m = parse(MIXED).unwrap();
+        let lines: Vec<(Kind, String, &str)> = m
+            .iter()
+            .map(|m| (m.kind, m.display_name(), m.key.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                (
+                    Kind::Namespace,
+                    "prod".into(),
+                    "/calico/resources/v3/projectcalico.org/profiles/kns.prod"
+                ),
+                (
+                    Kind::Pod,
+                    "prod/web-0".into(),
+                    "/calico/k8s/pods/prod/web-0"
+                ),
+                (
+                    Kind::NetworkPolicy,
+                    "prod/knp.default.allow-web".into(),
+                    "/calico/resources/v3/projectcalico.org/networkpolicies/prod/knp.default.allow-web"
+                ),
+                (
+                    Kind::NetworkPolicy,
+                    "default/calico-np".into(),
+                    "/calico/resources/v3/projectcalico.org/networkpolicies/default/calico-np"
+                ),
+                (
+                    Kind::GlobalNetworkPolicy,
+                    "deny-egress".into(),
+                    "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/deny-egress"
+                ),
+            ]
+        );
+        assert_eq!(
+            m[0].value["spec"]["labelsToApply"]["kubernetes.io/metadata.name"],
+            "prod"
+        );
+        assert_eq!(
+            m[1].value["spec"]["containers"][0]["ports"][0]["containerPort"],
+            8080
+        );
+        assert!(m[1].value["spec"]["containers"][0].get("image").is_none());
+        assert_eq!(m[2].value["spec"]["order"], 1000.0);
+        assert_eq!(
+            m[2].value["spec"]["ingress"][0]["destination"]["ports"],
+            json!(["http"])
+        );
+        assert_eq!(m[3].value["metadata"]["namespace"], "default");
+        assert_eq!(m[3].value["apiVersion"], "projectcalico.org/v3");
+        assert!(m[4].value["metadata"].get("namespace").is_none());
+    }
+
+    #[test]
+    fn bad_policy_documents_name_the_resource_and_field() {
+        for (text, want) in [
+            (
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: a}\nspec: {ingress: [{ports: [{port: 99999}]}]}",
+                "document 1: NetworkPolicy a/x: spec.ingress[0].ports[0].port 99999 is outside 1..=65535",
+            ),
+            (
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec: {egress: [{to: [{ipBlock: {cidr: 10.0.0.0/40}}]}]}",
+                "NetworkPolicy default/x: spec.egress[0].to[0].ipBlock.cidr \"10.0.0.0/40\" is not a CIDR",
+            ),
+            (
+                "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: x, namespace: b}\nspec: {ingress: [{action: Allow, protocol: XTP}]}",
+                "NetworkPolicy b/x: spec.ingress[0].protocol: unknown protocol",
+            ),
+            (
+                "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: g}\nspec: {ingress: [{action: Maybe}]}",
+                "GlobalNetworkPolicy g: unknown variant `Maybe`",
+            ),
+            (
+                "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: G}\nspec: {}",
+                "lowercase",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{ports: [{containerPort: 80, protocol: ICMP}]}]}",
+                "Pod default/p: spec.containers[0].ports[0].protocol",
+            ),
+            (
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: Prod}",
+                "Namespace Prod: metadata.name",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn kinds_parse_with_aliases() {
+        for (s, k) in [
+            ("netpol", Kind::NetworkPolicy),
+            ("np", Kind::NetworkPolicy),
+            ("NetworkPolicies", Kind::NetworkPolicy),
+            ("gnp", Kind::GlobalNetworkPolicy),
+            ("ns", Kind::Namespace),
+            ("pods", Kind::Pod),
+            ("profile", Kind::Profile),
+        ] {
+            assert_eq!(Kind::parse(s), Some(k), "{s}");
+        }
+        assert_eq!(Kind::parse("widget"), None);
+        assert_eq!(
+            Kind::NetworkPolicy.candidate_names("x"),
+            ["x", "knp.default.x"]
+        );
+        assert_eq!(
+            Kind::NetworkPolicy.candidate_names("knp.default.x"),
+            ["knp.default.x"]
+        );
+        assert_eq!(Kind::Pod.candidate_names("x"), ["x"]);
+        assert_eq!(
+            Kind::Namespace.key("ignored", "prod"),
+            "/calico/resources/v3/projectcalico.org/profiles/kns.prod"
+        );
+        assert_eq!(Kind::Pod.prefix(None), "/calico/k8s/pods/");
+        assert_eq!(Kind::Pod.prefix(Some("a")), "/calico/k8s/pods/a/");
     }
 }

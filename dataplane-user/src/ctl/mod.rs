@@ -2,15 +2,21 @@
 
 pub mod manifest;
 
-use std::io::Read as _;
+use std::{
+    io::Read as _,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 
 use crate::{
-    datastore::{Datastore, DatastoreError},
+    datastore::{Datastore, DatastoreError, status::now_ms},
     ipam::{Ipam, IpamConfig, IpamError},
 };
-use manifest::{Kind, ManifestError};
+use manifest::{KNOWN_KINDS, Kind, ManifestError};
+
+/// How often `apply --wait` reads the node statuses.
+const WAIT_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -34,10 +40,23 @@ pub enum CtlError {
         what: String,
         source: Box<IpamError>,
     },
-    #[error("unknown kind {0:?} (known: ippool, node)")]
+    #[error("unknown kind {0:?} (known: {KNOWN_KINDS})")]
     UnknownKind(String),
     #[error("{kind} {name} not found")]
     NotFound { kind: &'static str, name: String },
+    #[error("get {kind} {name}: a name needs a namespace (-n), not --all-namespaces")]
+    NameWithAllNamespaces { kind: &'static str, name: String },
+    /// `apply --wait` ran out of time.
+    #[error(
+        "not in force after {}s: {lagging} (need revision {revision})",
+        timeout.as_secs_f64()
+    )]
+    NotInForce {
+        revision: i64,
+        timeout: Duration,
+        /// `node-1 at revision 12, node-2 at revision 10`.
+        lagging: String,
+    },
     #[error("{kind} {name} changed while it was being written; try again")]
     Conflict { kind: &'static str, name: String },
     #[error("format output: {0}")]
@@ -69,13 +88,22 @@ pub fn read_manifests(path: &str) -> Result<Vec<manifest::Manifest>, CtlError> {
     })
 }
 
+/// What [`apply`] did to one resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// `NetworkPolicy prod/knp.default.x created` (or `configured`, `unchanged`).
+    pub line: String,
+    /// The resource's mod revision once written (or as found, when unchanged).
+    pub mod_revision: i64,
+}
+
 /// Writes every manifest (all validated before the first write), creating or replacing each
-/// resource in a transaction on its revision. Returns one line per resource.
+/// resource in a transaction on its revision. One [`Applied`] per resource.
 pub async fn apply(
     ds: &Datastore,
     manifests: &[manifest::Manifest],
-) -> Result<Vec<String>, CtlError> {
-    let mut lines = Vec::new();
+) -> Result<Vec<Applied>, CtlError> {
+    let mut out = Vec::new();
     for m in manifests {
         let mut done = None;
         for _ in 0..5 {
@@ -84,72 +112,171 @@ pub async fn apply(
                 .await
                 .map_err(ds_err(format!("read {}", m.key)))?;
             let written = match &existing {
-                None => ds.create(&m.key, &m.value).await,
+                None => ds.create_rev(&m.key, &m.value).await,
                 Some(v) if v.value == m.value => {
-                    done = Some("unchanged");
+                    done = Some(("unchanged", v.mod_revision));
                     break;
                 }
-                Some(v) => ds.update(&m.key, &m.value, v.mod_revision).await,
+                Some(v) => ds.update_rev(&m.key, &m.value, v.mod_revision).await,
             }
             .map_err(ds_err(format!("write {}", m.key)))?;
-            if written {
-                done = Some(if existing.is_some() {
+            if let Some(rev) = written {
+                let what = if existing.is_some() {
                     "configured"
                 } else {
                     "created"
-                });
+                };
+                done = Some((what, rev));
                 break;
             }
         }
-        let what = done.ok_or_else(|| CtlError::Conflict {
+        let (what, mod_revision) = done.ok_or_else(|| CtlError::Conflict {
             kind: m.kind.name(),
-            name: m.name.clone(),
+            name: m.display_name(),
         })?;
-        lines.push(format!("{} {} {what}", m.kind.name(), m.name));
+        out.push(Applied {
+            line: format!("{} {} {what}", m.kind.name(), m.display_name()),
+            mod_revision,
+        });
     }
-    Ok(lines)
+    Ok(out)
 }
 
-/// The resources of `kind` (one, when `name` is given), as stored.
-pub async fn get(ds: &Datastore, kind: &str, name: Option<&str>) -> Result<Vec<Value>, CtlError> {
-    let kind = Kind::parse(kind).ok_or_else(|| CtlError::UnknownKind(kind.to_owned()))?;
+/// Waits until every live node reports `revision` or later at its status key (polling every
+/// 50 ms), then says on how many nodes and how long it took. No live node: says so and
+/// returns. Out of `timeout`: [`CtlError::NotInForce`] naming the nodes behind.
+pub async fn wait_in_force(
+    ds: &Datastore,
+    revision: i64,
+    timeout: Duration,
+) -> Result<String, CtlError> {
+    let start = Instant::now();
+    loop {
+        let statuses = ds
+            .node_statuses()
+            .await
+            .map_err(ds_err("read the node statuses".to_owned()))?;
+        let now = now_ms();
+        let live: Vec<_> = statuses.iter().filter(|s| s.is_live(now)).collect();
+        if live.is_empty() {
+            return Ok("no live nodes report their status: nothing to wait for".to_owned());
+        }
+        let lagging: Vec<_> = live.iter().filter(|s| s.revision < revision).collect();
+        let elapsed = start.elapsed();
+        if lagging.is_empty() {
+            let n = live.len();
+            return Ok(format!(
+                "in force on {n} node{} ({} ms)",
+                if n == 1 { "" } else { "s" },
+                elapsed.as_millis()
+            ));
+        }
+        if elapsed >= timeout {
+            let lagging = lagging
+                .iter()
+                .map(|s| format!("{} at revision {}", s.node, s.revision))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(CtlError::NotInForce {
+                revision,
+                timeout,
+                lagging,
+            });
+        }
+        tokio::time::sleep(WAIT_POLL.min(timeout - elapsed)).await;
+    }
+}
+
+fn parse_kind(kind: &str) -> Result<Kind, CtlError> {
+    Kind::parse(kind).ok_or_else(|| CtlError::UnknownKind(kind.to_owned()))
+}
+
+/// `<ns>/<name>` for a namespaced kind, `<name>` otherwise.
+fn qualified(kind: Kind, namespace: &str, name: &str) -> String {
+    if kind.namespaced() {
+        format!("{namespace}/{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The resources of `kind` (one, when `name` is given), as stored. `namespace` is for
+/// namespaced kinds: `None` lists every namespace. A NetworkPolicy may be named without its
+/// `knp.default.` prefix when only the translated Kubernetes policy has that name.
+pub async fn get(
+    ds: &Datastore,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<Vec<Value>, CtlError> {
+    let kind = parse_kind(kind)?;
     match name {
         Some(name) => {
-            let v = ds
-                .get::<Value>(&kind.key(name))
-                .await
-                .map_err(ds_err(format!("read {}", kind.key(name))))?
-                .ok_or_else(|| CtlError::NotFound {
-                    kind: kind.name(),
-                    name: name.to_owned(),
-                })?;
-            Ok(vec![v.value])
+            let ns = match namespace {
+                Some(ns) => ns,
+                None if kind.namespaced() => {
+                    return Err(CtlError::NameWithAllNamespaces {
+                        kind: kind.name(),
+                        name: name.to_owned(),
+                    });
+                }
+                None => "",
+            };
+            for candidate in kind.candidate_names(name) {
+                let key = kind.key(ns, &candidate);
+                if let Some(v) = ds
+                    .get::<Value>(&key)
+                    .await
+                    .map_err(ds_err(format!("read {key}")))?
+                {
+                    return Ok(vec![v.value]);
+                }
+            }
+            Err(CtlError::NotFound {
+                kind: kind.name(),
+                name: qualified(kind, ns, name),
+            })
         }
-        None => Ok(ds
-            .list::<Value>(&kind.prefix())
-            .await
-            .map_err(ds_err(format!("list {}", kind.prefix())))?
-            .into_iter()
-            .map(|(_, v)| v.value)
-            .collect()),
+        None => {
+            let prefix = kind.prefix(namespace);
+            Ok(ds
+                .list::<Value>(&prefix)
+                .await
+                .map_err(ds_err(format!("list {prefix}")))?
+                .into_iter()
+                .map(|(_, v)| v.value)
+                .collect())
+        }
     }
 }
 
-pub async fn delete(ds: &Datastore, kind: &str, name: &str) -> Result<String, CtlError> {
-    let kind = Kind::parse(kind).ok_or_else(|| CtlError::UnknownKind(kind.to_owned()))?;
-    let key = kind.key(name);
-    let deleted = ds
-        .delete(&key, None)
-        .await
-        .map_err(ds_err(format!("delete {key}")))?;
-    if deleted {
-        Ok(format!("{} {name} deleted", kind.name()))
-    } else {
-        Err(CtlError::NotFound {
-            kind: kind.name(),
-            name: name.to_owned(),
-        })
+/// Deletes one resource (`namespace` for namespaced kinds; a NetworkPolicy may be named
+/// without its `knp.default.` prefix, as with [`get`]).
+pub async fn delete(
+    ds: &Datastore,
+    kind: &str,
+    name: &str,
+    namespace: &str,
+) -> Result<String, CtlError> {
+    let kind = parse_kind(kind)?;
+    for candidate in kind.candidate_names(name) {
+        let key = kind.key(namespace, &candidate);
+        let deleted = ds
+            .delete(&key, None)
+            .await
+            .map_err(ds_err(format!("delete {key}")))?;
+        if deleted {
+            return Ok(format!(
+                "{} {} deleted",
+                kind.name(),
+                qualified(kind, namespace, &candidate)
+            ));
+        }
     }
+    Err(CtlError::NotFound {
+        kind: kind.name(),
+        name: qualified(kind, namespace, name),
+    })
 }
 
 /// Resources printed as YAML (a list when several) or JSON.

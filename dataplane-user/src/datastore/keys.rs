@@ -3,6 +3,11 @@
 //! Resources live under `/calico/resources/v3/projectcalico.org/<plural>/[<namespace>/]<name>`;
 //! IPAM state under `/calico/ipam/v2/`, with a block's CIDR written `10.65.0.0-26` (the `/`
 //! of a CIDR would be a path separator).
+//!
+//! Two prefixes are ours, not Calico's: `/calico/k8s/pods/<ns>/<name>` holds the Kubernetes
+//! pods (their labels and named ports; there is no Kubernetes API server to ask), and
+//! `/dataplane/v1/status/<node>` each agent's progress. The status keys live outside
+//! `/calico/` so that an agent watching `/calico/` is not woken by every agent's heartbeat.
 
 use std::fmt;
 
@@ -18,6 +23,15 @@ pub const NODES: &str = "/calico/resources/v3/projectcalico.org/nodes/";
 pub const WORKLOAD_ENDPOINTS: &str = "/calico/resources/v3/projectcalico.org/workloadendpoints/";
 /// Prefix of every Profile.
 pub const PROFILES: &str = "/calico/resources/v3/projectcalico.org/profiles/";
+/// Prefix of every (namespaced) NetworkPolicy (then `<namespace>/<name>`).
+pub const NETWORK_POLICIES: &str = "/calico/resources/v3/projectcalico.org/networkpolicies/";
+/// Prefix of every GlobalNetworkPolicy.
+pub const GLOBAL_NETWORK_POLICIES: &str =
+    "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/";
+/// Prefix of every Kubernetes Pod (then `<namespace>/<name>`).
+pub const PODS: &str = "/calico/k8s/pods/";
+/// Prefix of every agent's status (then `<node>`).
+pub const NODE_STATUS: &str = "/dataplane/v1/status/";
 /// Prefix of every IPv4 IPAM block.
 pub const BLOCKS: &str = "/calico/ipam/v2/assignment/ipv4/block/";
 /// Prefix of every block affinity (then `<node>/ipv4/block/<cidr>`).
@@ -48,6 +62,36 @@ pub fn profile(name: &str) -> String {
 /// The profile that carries namespace `ns`'s labels: `kns.<ns>`.
 pub fn namespace_profile_name(ns: &str) -> String {
     format!("{NAMESPACE_PROFILE_PREFIX}{ns}")
+}
+
+/// `…/networkpolicies/<namespace>/<name>`.
+pub fn network_policy(namespace: &str, name: &str) -> String {
+    format!("{NETWORK_POLICIES}{namespace}/{name}")
+}
+
+/// Prefix of the NetworkPolicies of one namespace.
+pub fn network_policies_of(namespace: &str) -> String {
+    format!("{NETWORK_POLICIES}{namespace}/")
+}
+
+/// `…/globalnetworkpolicies/<name>`.
+pub fn global_network_policy(name: &str) -> String {
+    format!("{GLOBAL_NETWORK_POLICIES}{name}")
+}
+
+/// `/calico/k8s/pods/<namespace>/<name>`.
+pub fn pod(namespace: &str, name: &str) -> String {
+    format!("{PODS}{namespace}/{name}")
+}
+
+/// Prefix of the pods of one namespace.
+pub fn pods_of(namespace: &str) -> String {
+    format!("{PODS}{namespace}/")
+}
+
+/// `/dataplane/v1/status/<node>`: where the agent on `node` reports its progress.
+pub fn node_status(node: &str) -> String {
+    format!("{NODE_STATUS}{node}")
 }
 
 /// The key of a pod's WorkloadEndpoint:
@@ -161,6 +205,18 @@ pub enum Key {
         cidr: Ipv4Net,
     },
     Handle(String),
+    NetworkPolicy {
+        namespace: String,
+        name: String,
+    },
+    GlobalNetworkPolicy(String),
+    /// A Kubernetes pod (ours, not Calico's).
+    Pod {
+        namespace: String,
+        name: String,
+    },
+    /// An agent's status (ours, not Calico's).
+    NodeStatus(String),
 }
 
 impl Key {
@@ -168,6 +224,11 @@ impl Key {
     /// name that is not `<node>-k8s-<pod>-<iface>`).
     pub fn parse(key: &str) -> Option<Self> {
         let one = |rest: &str| (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_owned());
+        let two = |rest: &str| {
+            let (a, b) = rest.split_once('/')?;
+            (!a.is_empty() && !b.is_empty() && !b.contains('/'))
+                .then(|| (a.to_owned(), b.to_owned()))
+        };
         if let Some(rest) = key.strip_prefix(IP_POOLS) {
             return one(rest).map(Self::IpPool);
         }
@@ -206,6 +267,18 @@ impl Key {
         if let Some(rest) = key.strip_prefix(HANDLES) {
             return one(rest).map(Self::Handle);
         }
+        if let Some(rest) = key.strip_prefix(NETWORK_POLICIES) {
+            return two(rest).map(|(namespace, name)| Self::NetworkPolicy { namespace, name });
+        }
+        if let Some(rest) = key.strip_prefix(GLOBAL_NETWORK_POLICIES) {
+            return one(rest).map(Self::GlobalNetworkPolicy);
+        }
+        if let Some(rest) = key.strip_prefix(PODS) {
+            return two(rest).map(|(namespace, name)| Self::Pod { namespace, name });
+        }
+        if let Some(rest) = key.strip_prefix(NODE_STATUS) {
+            return one(rest).map(Self::NodeStatus);
+        }
         None
     }
 }
@@ -225,6 +298,10 @@ impl fmt::Display for Key {
             Self::Block(cidr) => block(*cidr),
             Self::BlockAffinity { node, cidr } => block_affinity(node, *cidr),
             Self::Handle(id) => handle(id),
+            Self::NetworkPolicy { namespace, name } => network_policy(namespace, name),
+            Self::GlobalNetworkPolicy(name) => global_network_policy(name),
+            Self::Pod { namespace, name } => pod(namespace, name),
+            Self::NodeStatus(node) => node_status(node),
         };
         f.write_str(&key)
     }
@@ -312,6 +389,37 @@ mod tests {
     }
 
     #[test]
+    fn policy_pod_and_status_keys() {
+        assert_eq!(
+            network_policy("prod", "knp.default.x"),
+            "/calico/resources/v3/projectcalico.org/networkpolicies/prod/knp.default.x"
+        );
+        assert_eq!(
+            global_network_policy("g"),
+            "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/g"
+        );
+        assert_eq!(pod("default", "web-0"), "/calico/k8s/pods/default/web-0");
+        assert_eq!(node_status("node-1"), "/dataplane/v1/status/node-1");
+        assert!(node_status("n").starts_with(NODE_STATUS) && !NODE_STATUS.starts_with("/calico/"));
+        assert!(pod("a", "b").starts_with(&pods_of("a")));
+        assert!(network_policy("a", "b").starts_with(&network_policies_of("a")));
+        assert_eq!(
+            Key::parse("/calico/resources/v3/projectcalico.org/networkpolicies/ns/p"),
+            Some(Key::NetworkPolicy {
+                namespace: "ns".into(),
+                name: "p".into()
+            })
+        );
+        assert_eq!(
+            Key::parse("/calico/k8s/pods/ns/web-0"),
+            Some(Key::Pod {
+                namespace: "ns".into(),
+                name: "web-0".into()
+            })
+        );
+    }
+
+    #[test]
     fn keys_round_trip() {
         let keys = [
             Key::IpPool("default-ipv4-ippool".into()),
@@ -329,6 +437,16 @@ mod tests {
                 cidr: net("10.65.0.0/30"),
             },
             Key::Handle("k8s-pod-network.0123abcd".into()),
+            Key::NetworkPolicy {
+                namespace: "prod".into(),
+                name: "knp.default.deny-all".into(),
+            },
+            Key::GlobalNetworkPolicy("default-deny".into()),
+            Key::Pod {
+                namespace: "default".into(),
+                name: "web-0".into(),
+            },
+            Key::NodeStatus("node-1".into()),
         ];
         for k in keys {
             let s = k.to_string();
@@ -350,6 +468,18 @@ mod tests {
             "/calico/ipam/v2/host//ipv4/block/10.65.0.0-26",
             "/calico/ipam/v2/handle/",
             "/registry/pods/default/x",
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default",
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/",
+            "/calico/resources/v3/projectcalico.org/networkpolicies//x",
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/a/b",
+            "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/",
+            "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/a/b",
+            "/calico/k8s/pods/default",
+            "/calico/k8s/pods/default/",
+            "/calico/k8s/pods//web",
+            "/calico/k8s/pods/a/b/c",
+            "/dataplane/v1/status/",
+            "/dataplane/v1/status/a/b",
         ] {
             assert_eq!(Key::parse(bad), None, "{bad}");
         }

@@ -7,9 +7,11 @@
 //! and tell "etcd is unreachable or slow, try again" ([`DatastoreError::is_unavailable`])
 //! from "the value at this key is corrupt" and everything else.
 
+pub mod k8s;
 pub mod keys;
 pub mod policy;
 pub mod resources;
+pub mod status;
 
 use std::{
     future::Future,
@@ -24,11 +26,13 @@ use etcd_client::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::{debug, warn};
 
+pub use k8s::K8sPod;
 pub use resources::{
     DEFAULT_POOL_NAME, DefaultPoolOptions, EndpointPort, IpPool, IpPoolSpec, IpipMode, Node,
     NodeBgpSpec, NodeSpec, ObjectMeta, Pool, Profile, ProfileSpec, VxlanMode, WorkloadEndpoint,
     WorkloadEndpointArgs, WorkloadEndpointSpec,
 };
+pub use status::NodeStatus;
 
 /// How many keys one range request returns when listing a prefix.
 const LIST_PAGE: i64 = 500;
@@ -232,6 +236,13 @@ fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>, Datast
         key: key.to_owned(),
         source,
     })
+}
+
+/// The revision a one-put transaction wrote at (its header's revision), `None` when its
+/// condition failed.
+fn written_at(resp: TxnResponse) -> Option<i64> {
+    resp.succeeded()
+        .then(|| resp.header().map_or(0, |h| h.revision()))
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
@@ -663,10 +674,20 @@ impl Datastore {
         key: &str,
         value: &T,
     ) -> Result<bool, DatastoreError> {
+        Ok(self.create_rev(key, value).await?.is_some())
+    }
+
+    /// [`Datastore::create`], returning the revision of the write (the key's new mod
+    /// revision), `None` when the key already exists.
+    pub async fn create_rev<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<Option<i64>, DatastoreError> {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, encode(key, value)?, None)]);
-        Ok(self.txn("create", key, txn).await?.succeeded())
+        Ok(written_at(self.txn("create", key, txn).await?))
     }
 
     /// Replaces `key` with `value` if its mod revision is still `mod_revision`; `false` on a
@@ -677,10 +698,20 @@ impl Datastore {
         value: &T,
         mod_revision: i64,
     ) -> Result<bool, DatastoreError> {
+        Ok(self.update_rev(key, value, mod_revision).await?.is_some())
+    }
+
+    /// [`Datastore::update`], returning the revision of the write, `None` on a conflict.
+    pub async fn update_rev<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        mod_revision: i64,
+    ) -> Result<Option<i64>, DatastoreError> {
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::put(key, encode(key, value)?, None)]);
-        Ok(self.txn("update", key, txn).await?.succeeded())
+        Ok(written_at(self.txn("update", key, txn).await?))
     }
 
     /// Writes `value` at `key` whatever is there.
@@ -830,6 +861,33 @@ impl Datastore {
             .filter(|(_, w)| w.value.node() == node)
             .map(|(k, w)| (k, w.value))
             .collect())
+    }
+
+    /// Reports an agent's progress at its status key.
+    pub async fn put_node_status(&self, status: &NodeStatus) -> Result<(), DatastoreError> {
+        self.put(&status.key(), status).await
+    }
+
+    /// Every node's status (corrupt ones are logged and skipped), in node order.
+    pub async fn node_statuses(&self) -> Result<Vec<NodeStatus>, DatastoreError> {
+        Ok(self
+            .list::<NodeStatus>(keys::NODE_STATUS)
+            .await?
+            .into_iter()
+            .map(|(_, v)| v.value)
+            .collect())
+    }
+
+    /// The pod `namespace/name` as `ctl apply` stored it.
+    pub async fn get_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<K8sPod>, DatastoreError> {
+        Ok(self
+            .get(&keys::pod(namespace, name))
+            .await?
+            .map(|v| v.value))
     }
 
     /// The profile `name` (`kns.<namespace>` for a namespace's labels).
