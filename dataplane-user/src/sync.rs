@@ -34,60 +34,15 @@ use crate::{
     },
 };
 
-/// Where `ctl apply` of a Kubernetes Pod stores it (labels and named ports).
-const PODS: &str = "/calico/k8s/pods/";
-const NETWORK_POLICIES: &str = "/calico/resources/v3/projectcalico.org/networkpolicies/";
-const GLOBAL_NETWORK_POLICIES: &str =
-    "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/";
+use crate::datastore::keys::{GLOBAL_NETWORK_POLICIES, NETWORK_POLICIES, PODS};
 /// Most verdict entries one compiled policy may take.
 pub const MAX_ENTRIES_PER_POLICY: usize = 1 << 20;
 
 /// A pod's labels and named ports, from its stored Kubernetes Pod.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct PodInfo {
     labels: Labels,
-    ports: Vec<NamedPort>,
-}
-
-fn pod_info(v: &serde_json::Value) -> PodInfo {
-    let labels = v
-        .pointer("/metadata/labels")
-        .and_then(|l| serde_json::from_value::<Labels>(l.clone()).ok())
-        .unwrap_or_default();
-    let mut ports = Vec::new();
-    for c in v
-        .pointer("/spec/containers")
-        .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for p in c
-            .get("ports")
-            .and_then(serde_json::Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (Some(name), Some(port)) = (
-                p.get("name").and_then(serde_json::Value::as_str),
-                p.get("containerPort").and_then(serde_json::Value::as_u64),
-            ) else {
-                continue;
-            };
-            let proto = match p.get("protocol").and_then(serde_json::Value::as_str) {
-                Some("UDP") => 17,
-                Some("SCTP") => 132,
-                _ => 6,
-            };
-            if let Ok(port) = u16::try_from(port) {
-                ports.push(NamedPort {
-                    name: name.to_owned(),
-                    proto,
-                    port,
-                });
-            }
-        }
-    }
-    PodInfo { labels, ports }
+    ports: Vec<crate::datastore::EndpointPort>,
 }
 
 /// One local endpoint's policies: ingress and egress rules (`None`: no policy applies).
@@ -236,8 +191,14 @@ impl Model {
                     self.pods.remove(&id);
                 }
                 Some(v) => {
-                    if let Some(v) = decode::<serde_json::Value>(key, v) {
-                        self.pods.insert(id, pod_info(&v));
+                    if let Some(p) = decode::<crate::datastore::K8sPod>(key, v) {
+                        self.pods.insert(
+                            id,
+                            PodInfo {
+                                labels: p.labels(),
+                                ports: p.named_ports(),
+                            },
+                        );
                     }
                 }
             }
@@ -290,11 +251,12 @@ impl Model {
                 "projectcalico.org/orchestrator".to_owned(),
                 "k8s".to_owned(),
             );
-            let mut ports: Vec<NamedPort> = wep
+            let ports: Vec<NamedPort> = wep
                 .spec
                 .ports
                 .iter()
                 .flatten()
+                .chain(pod.iter().flat_map(|p| &p.ports))
                 .map(|p| NamedPort {
                     name: p.name.clone(),
                     proto: crate::datastore::policy::Protocol::Name(
@@ -305,9 +267,6 @@ impl Model {
                     port: p.port,
                 })
                 .collect();
-            if let Some(p) = pod {
-                ports.extend(p.ports.iter().cloned());
-            }
             for net in &wep.spec.ip_networks {
                 if let Ok(net) = net.parse::<Ipv4Net>() {
                     out.push((
@@ -847,19 +806,11 @@ async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(
 /// How often an agent refreshes its status key (its liveness).
 pub const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
-/// The status key of node `node`: the revision its maps reflect, and when it said so.
-pub fn status_key(node: &str) -> String {
-    format!("/dataplane/v1/status/{node}")
-}
-
 /// Records that this node's maps reflect etcd up to `revision`. A failure is logged only:
 /// the next write or refresh tries again.
 async fn report_status(ds: &Datastore, me: &str, revision: i64) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let v = serde_json::json!({"node": me, "revision": revision, "updatedAtMs": now_ms});
-    if let Err(e) = ds.put(&status_key(me), &v).await {
+    let status = crate::datastore::NodeStatus::new(me, revision);
+    if let Err(e) = ds.put_node_status(&status).await {
         debug!(error = %e, "status not recorded");
     }
 }

@@ -209,13 +209,16 @@ impl Policy {
     }
 }
 
+/// (scope namespace, selector, namespace selector) of a cached selection.
+type SelectionKey = (Option<String>, String, String);
+
 /// Everything policy resolution looks at.
 pub struct Resolver<'a> {
     endpoints: &'a [Endpoint],
     namespaces: &'a BTreeMap<String, Labels>,
     policies: Vec<&'a Policy>,
     /// Addresses matched by (scope namespace, selector, namespace selector).
-    cache: RefCell<HashMap<(Option<String>, String, String), Vec<Ipv4Net>>>,
+    cache: RefCell<HashMap<SelectionKey, Vec<Ipv4Net>>>,
 }
 
 impl<'a> Resolver<'a> {
