@@ -1,0 +1,201 @@
+//! Calico policy semantics and conntrack on a live cluster in a box: three nodes, six pods
+//! through the real CNI plugin, agents synced from a real etcd, policies applied with
+//! `dataplane ctl apply --wait` and probed with real TCP and UDP traffic.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use dataplane_tests::{
+    dataplane, require_root,
+    traffic::{Deployment, ECHO_PORT, Pod, Servers},
+};
+
+/// Pods 0–1 on node 0, 2–3 on node 1 (same subnet), 4–5 on node 2 (behind the router).
+const ROLES: [&str; 6] = ["client", "other", "db", "db", "client", "web"];
+
+fn apply(d: &Deployment, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("p.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let etcd = d.cluster.etcd.as_ref().unwrap().endpoint();
+    let (st, out, err) = dataplane(
+        &d.cluster.nodes[0].ns,
+        &[
+            "ctl",
+            "--etcd-endpoints",
+            &etcd,
+            "apply",
+            "--wait",
+            "-f",
+            &f.display().to_string(),
+        ],
+    );
+    assert!(st.success(), "apply failed: {out}{err}\n{yaml}");
+}
+
+fn delete(d: &Deployment, kind: &str, name: &str) {
+    let etcd = d.cluster.etcd.as_ref().unwrap().endpoint();
+    let (st, out, err) = dataplane(
+        &d.cluster.nodes[0].ns,
+        &["ctl", "--etcd-endpoints", &etcd, "delete", kind, name],
+    );
+    assert!(st.success(), "delete failed: {out}{err}");
+}
+
+fn tcp(from: &Pod, to: Ipv4Addr) -> bool {
+    from.sb.ns.run(|| {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&(to, ECHO_PORT).into(), Duration::from_millis(600))
+        else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 5];
+        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok()
+    })
+}
+
+fn udp(from: &Pod, to: Ipv4Addr) -> bool {
+    from.sb.ns.run(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        (0..2).any(|_| {
+            s.send_to(b"ping", (to, ECHO_PORT)).is_ok()
+                && s.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"ping")
+        })
+    })
+}
+
+/// Which pod pairs (from, to) reach each other over TCP, as a matrix of 0/1 per row.
+fn tcp_matrix(d: &Deployment) -> Vec<String> {
+    d.pods
+        .iter()
+        .map(|from| {
+            d.pods
+                .iter()
+                .map(|to| {
+                    if std::ptr::eq(from, to) || tcp(from, to.ip) {
+                        '1'
+                    } else {
+                        '0'
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn start() -> (Deployment, Vec<Servers>) {
+    let d = Deployment::start("CrossSubnet", 2);
+    let servers = d.pods.iter().map(Servers::start).collect();
+    // Labels, as the Kubernetes Pods would carry them.
+    let mut pods = String::new();
+    for (p, role) in d.pods.iter().zip(ROLES) {
+        pods.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{role: {role}}}}}\nspec: {{containers: [{{name: c}}]}}\n",
+            p.sb.pod
+        ));
+    }
+    apply(&d, &pods);
+    (d, servers)
+}
+
+#[test]
+fn root_calico_order_deny_pass_and_not_matches() {
+    require_root();
+    let (d, _servers) = start();
+    let ip = |i: usize| d.pods[i].ip;
+    assert!(tcp_matrix(&d).iter().all(|r| !r.contains('0')));
+
+    // Ordered tiers of one: a global policy (order 10) that denies "other" and passes
+    // "client" to the profile, then a namespaced policy (order 100) that denies everyone.
+    apply(
+        &d,
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: db-gate}\nspec:\n  order: 10\n  selector: role == 'db'\n  types: [Ingress]\n  ingress:\n  - {action: Deny, source: {selector: role == 'other'}}\n  - {action: Pass, source: {selector: role == 'client'}}\n---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: db-closed, namespace: default}\nspec:\n  order: 100\n  selector: role == 'db'\n  types: [Ingress]\n  ingress:\n  - action: Deny\n",
+    );
+    for db in [2, 3] {
+        assert!(tcp(&d.pods[0], ip(db)), "client (same node) → db {db}: passed");
+        assert!(tcp(&d.pods[4], ip(db)), "client (other subnet) → db {db}");
+        assert!(!tcp(&d.pods[1], ip(db)), "other → db {db}: denied first");
+        assert!(!tcp(&d.pods[5], ip(db)), "web → db {db}: denied later");
+    }
+    // Pods the policies do not select are untouched.
+    assert!(tcp(&d.pods[1], ip(5)));
+
+    // Deny before Allow in one policy; notNets and notPorts; protocol.
+    apply(
+        &d,
+        &format!(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: default}}\nspec:\n  selector: role == 'web'\n  ingress:\n  - {{action: Deny, source: {{nets: ['{}/32']}}}}\n  - {{action: Allow, protocol: TCP, source: {{notNets: ['{}/32']}}, destination: {{notPorts: [7001]}}}}\n",
+            ip(4),
+            ip(1)
+        ),
+    );
+    assert!(!tcp(&d.pods[4], ip(5)), "denied by the first rule");
+    assert!(tcp(&d.pods[4], ip(0)), "pod 4 itself is not isolated");
+    assert!(!tcp(&d.pods[1], ip(5)), "notNets excludes pod 1");
+    assert!(tcp(&d.pods[0], ip(5)), "allowed by the second rule");
+    assert!(tcp(&d.pods[2], ip(5)), "allowed across nodes");
+    assert!(!udp(&d.pods[0], ip(5)), "UDP matches no rule");
+    assert!(udp(&d.pods[0], ip(1)), "UDP to a pod without policy");
+
+    // Removing the policies opens everything again.
+    delete(&d, "globalnetworkpolicy", "db-gate");
+    delete(&d, "networkpolicy", "db-closed");
+    delete(&d, "networkpolicy", "web");
+    apply(&d, "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n");
+    assert!(tcp_matrix(&d).iter().all(|r| !r.contains('0')));
+}
+
+#[test]
+fn root_conntrack_keeps_replies_and_established_connections() {
+    require_root();
+    let (d, _servers) = start();
+    let ip = |i: usize| d.pods[i].ip;
+    // Pod 3 (db) may not open anything, and accepts only from clients.
+    apply(
+        &d,
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: db, namespace: default}\nspec:\n  selector: role == 'db'\n  types: [Ingress, Egress]\n  ingress:\n  - {action: Allow, source: {selector: role == 'client'}}\n",
+    );
+    // Replies leave the db although its egress allows nothing.
+    assert!(tcp(&d.pods[0], ip(3)) && tcp(&d.pods[4], ip(3)));
+    assert!(udp(&d.pods[0], ip(3)));
+    assert!(!tcp(&d.pods[3], ip(0)), "the db opens nothing");
+    assert!(!tcp(&d.pods[1], ip(3)), "not a client");
+
+    // An established connection survives a policy that would now refuse it (as in Calico:
+    // conntrack keeps it); new ones are refused.
+    let conn = d.pods[4].sb.ns.run(|| {
+        let s = TcpStream::connect_timeout(&(ip(5), ECHO_PORT).into(), Duration::from_secs(2))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    apply(
+        &d,
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: web-closed, namespace: default}\nspec:\n  selector: role == 'web'\n  ingress:\n  - action: Deny\n",
+    );
+    assert!(!tcp(&d.pods[4], ip(5)), "new connections are denied");
+    let mut conn = conn;
+    let mut buf = [0u8; 5];
+    conn.write_all(b"hello").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello", "the established connection still works");
+
+    // The inspection shows it: the tracked connection on node 2, and the drops counted.
+    let ct = d.map_dump(2, "conntrack");
+    let line = ct
+        .lines()
+        .find(|l| l.contains(&format!("{}:{ECHO_PORT}", ip(5))) && l.contains("ESTABLISHED"))
+        .unwrap_or_else(|| panic!("no established entry to pod 5 in\n{ct}"));
+    assert!(line.starts_with("TCP"), "{line}");
+    let counters = d.map_dump(2, "counters");
+    assert!(counters.contains("policy="), "{counters}");
+    let policy = d.map_dump(2, "policy");
+    assert!(policy.contains("deny"), "{policy}");
+}
