@@ -1304,9 +1304,17 @@ pub struct ScenarioResult {
 /// Applies policies and label changes to a [`NetpolCluster`] while keeping the model's view of
 /// what the datastore holds (changed only when `ctl` succeeded), checks the probed matrices
 /// against the model, and resets the cluster between scenarios.
+///
+/// A session made with [`Session::model_only`] has no cluster: the same scenarios run against
+/// the model alone, and each check records the expected matrices instead of probing (to read
+/// and sanity-check the expectations without root).
 pub struct Session<'c> {
-    pub cluster: &'c NetpolCluster,
+    pub cluster: Option<&'c NetpolCluster>,
     pub world: World,
+    /// The world as it was made, which [`Session::reset`] restores.
+    original: World,
+    /// In a model-only session, every check's name and expected matrices.
+    pub expectations: Vec<(String, Vec<Reachability>)>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
     results: Vec<ScenarioResult>,
     /// Every probe round's duration, for the summary.
@@ -1319,9 +1327,20 @@ pub struct Session<'c> {
 
 impl<'c> Session<'c> {
     pub fn new(cluster: &'c NetpolCluster) -> Self {
+        Self::with(Some(cluster), cluster.world.clone())
+    }
+
+    /// A session on the model alone (see the type's documentation).
+    pub fn model_only(world: World) -> Self {
+        Self::with(None, world)
+    }
+
+    fn with(cluster: Option<&'c NetpolCluster>, world: World) -> Self {
         Self {
             cluster,
-            world: cluster.world.clone(),
+            original: world.clone(),
+            world,
+            expectations: Vec::new(),
             policies: BTreeMap::new(),
             results: Vec::new(),
             rounds: Vec::new(),
@@ -1351,9 +1370,9 @@ impl<'c> Session<'c> {
     pub fn apply(&mut self, yaml: &str) {
         let parsed = parse_policies(yaml).unwrap_or_else(|e| panic!("{e} in\n{yaml}"));
         let file = self.file("policy");
-        self.cluster
-            .apply(&file, yaml)
-            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(c) = self.cluster {
+            c.apply(&file, yaml).unwrap_or_else(|e| panic!("{e}"));
+        }
         for p in parsed {
             let key = (p.metadata.namespace.clone(), p.metadata.name.clone());
             self.policies.insert(key, p);
@@ -1362,11 +1381,15 @@ impl<'c> Session<'c> {
 
     /// `ctl delete networkpolicy NAME -n NS` (with `--wait` when `ctl` takes it).
     pub fn delete(&mut self, ns: &str, name: &str) {
+        let Some(c) = self.cluster else {
+            self.policies.remove(&(ns.to_owned(), name.to_owned()));
+            return;
+        };
         let mut args = vec!["delete", "networkpolicy", name, "-n", ns];
         if self.delete_waits {
             args.push("--wait");
         }
-        let (mut ok, mut out, mut err) = self.cluster.ctl(&args);
+        let (mut ok, mut out, mut err) = c.ctl(&args);
         if !ok && self.delete_waits && err.contains("--wait") {
             eprintln!(
                 "note: `ctl delete` does not take --wait ({}); waiting on the matrix instead",
@@ -1374,7 +1397,7 @@ impl<'c> Session<'c> {
             );
             self.delete_waits = false;
             args.pop();
-            (ok, out, err) = self.cluster.ctl(&args);
+            (ok, out, err) = c.ctl(&args);
         }
         assert!(ok, "ctl {}: {out}{err}", args.join(" "));
         self.policies.remove(&(ns.to_owned(), name.to_owned()));
@@ -1385,11 +1408,12 @@ impl<'c> Session<'c> {
         let i = self.world.pod_index(ns, name);
         let mut pod = self.world.pods[i].clone();
         pod.labels = labels(new);
-        let node = &self.cluster.cluster.nodes[self.cluster.pods[i].node].name;
         let file = self.file("pod");
-        self.cluster
-            .apply(&file, &pod_yaml(&pod, node))
-            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(c) = self.cluster {
+            let node = &c.cluster.nodes[c.pods[i].node].name;
+            c.apply(&file, &pod_yaml(&pod, node))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         self.world.pods[i] = pod;
     }
 
@@ -1404,9 +1428,10 @@ impl<'c> Session<'c> {
         let mut info = self.world.namespaces[i].clone();
         info.labels = labels(new);
         let file = self.file("namespace");
-        self.cluster
-            .apply(&file, &namespace_yaml(&info))
-            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(c) = self.cluster {
+            c.apply(&file, &namespace_yaml(&info))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         self.world.namespaces[i] = info;
     }
 
@@ -1419,9 +1444,9 @@ impl<'c> Session<'c> {
             .collect()
     }
 
-    fn probe_all(&mut self) -> Vec<Reachability> {
+    fn probe_all(&mut self, c: &NetpolCluster) -> Vec<Reachability> {
         let t = Instant::now();
-        let observed = self.cluster.probe(&CASES);
+        let observed = c.probe(&CASES);
         self.rounds.push(t.elapsed());
         observed
     }
@@ -1432,9 +1457,13 @@ impl<'c> Session<'c> {
     pub fn check(&mut self, what: &str) {
         self.checks += 1;
         let expected = self.expected();
+        let Some(c) = self.cluster else {
+            self.expectations.push((what.to_owned(), expected));
+            return;
+        };
         let mut last = String::new();
         for attempt in 1..=3 {
-            let observed = self.probe_all();
+            let observed = self.probe_all(c);
             let mut report = String::new();
             let mut wrongly_allowed = false;
             for ((case, exp), obs) in CASES.iter().zip(&expected).zip(&observed) {
@@ -1469,10 +1498,13 @@ impl<'c> Session<'c> {
     /// Probes until the matrices match the model or `timeout` passes (for changes that
     /// nothing waited for); panics with the last diff.
     pub fn check_eventually(&mut self, what: &str, timeout: Duration) {
+        let Some(c) = self.cluster else {
+            return self.check(what);
+        };
         let deadline = Instant::now() + timeout;
         let expected = self.expected();
         loop {
-            let observed = self.probe_all();
+            let observed = self.probe_all(c);
             let report: String = CASES
                 .iter()
                 .zip(&expected)
@@ -1528,7 +1560,7 @@ impl<'c> Session<'c> {
         for (ns, name) in keys {
             self.delete(&ns, &name);
         }
-        let original = self.cluster.world.clone();
+        let original = self.original.clone();
         for (now, was) in self.world.pods.clone().iter().zip(&original.pods) {
             if now.labels != was.labels {
                 let l: Vec<(&str, &str)> = was

@@ -111,13 +111,23 @@ fn root_netpol_truth_tables() {
     let c = NetpolCluster::start();
     eprintln!("cluster started in {:.1?}", c.started_in);
     let mut s = Session::new(&c);
+    scenarios(&mut s);
+    s.finish();
+    eprintln!("whole test: {:.1?}", t0.elapsed());
+}
+
+/// Every scenario, in order. Each resets the cluster when it ends; a few build on their own
+/// earlier steps (update in place, label changes).
+fn scenarios(s: &mut Session) {
     s.scenario(
-        "Namespace and Pod objects applied; no policy: all allowed",
+        "no policy: all allowed; Namespace and Pod objects applied",
         |s| {
-            if let Err(e) = &s.cluster.k8s_objects {
+            s.check("no policy");
+            if let Some(c) = s.cluster
+                && let Err(e) = &c.k8s_objects
+            {
                 panic!("ctl apply --wait of the v1 Namespace and Pod objects failed: {e}");
             }
-            s.check("no policy");
         },
     );
 
@@ -374,9 +384,13 @@ fn root_netpol_truth_tables() {
             )
         ));
         s.check("x/a: 80 from y, 81 from z");
-        // An allow-all on top opens everything the two left closed.
-        s.apply(&np("x", "a-all", "podSelector:\n  matchLabels: {pod: a}\ningress:\n- {}"));
-        s.check("plus allow-all ingress");
+        // A third, broader on UDP: the union opens UDP from everywhere, TCP stays as it was.
+        s.apply(&np(
+            "x",
+            "a-udp",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - namespaceSelector: {}\n  ports:\n  - protocol: UDP",
+        ));
+        s.check("plus UDP from every namespace");
     });
 
     s.scenario("deny-all in a namespace plus allow-all to one pod", |s| {
@@ -444,13 +458,35 @@ fn root_netpol_truth_tables() {
         s.set_namespace_labels("y", &[("ns", "q")]);
         s.check("y relabelled ns=q: no longer a source");
     });
-
-    s.finish();
-    eprintln!("whole test: {:.1?}", t0.elapsed());
 }
 
-/// The model on the e2e world, as the scenarios above use it (no root): a quick guard that
-/// the helpers build valid policies.
+/// The scenarios on the model alone (no root): every policy is valid, every check but the
+/// all-allowed ones expects some connection denied (a check that expects nothing denied
+/// would pass on a dataplane that enforces nothing), and the expected matrices are printed
+/// for reading (`--nocapture`). Addresses as the cluster hands them out: one /26 per node.
+#[test]
+fn model_expectations_of_every_scenario() {
+    let world = World::e2e(|ns, pod| {
+        let n = ["x", "y", "z"].iter().position(|x| *x == ns).unwrap() as u8;
+        let p = ["a", "b", "c"].iter().position(|x| *x == pod).unwrap() as u8;
+        Ipv4Addr::new(10, 65, 0, p * 64 + n)
+    });
+    let mut s = Session::model_only(world);
+    scenarios(&mut s);
+    assert!(s.results().len() >= 25, "{} scenarios", s.results().len());
+    for (what, expected) in &s.expectations {
+        let denied: usize = expected.iter().map(|r| 81 - r.allowed_count()).sum();
+        eprintln!("--- {what}: {denied} of 324 denied");
+        for (case, r) in CASES.iter().zip(expected) {
+            eprintln!("{case}:\n{r}");
+        }
+        let all_allowed = what.starts_with("reset") || what == "no policy";
+        assert_eq!(denied == 0, all_allowed, "{what}: {denied} denied");
+    }
+    s.finish();
+}
+
+/// The helpers on the e2e world: a quick guard that they build valid policies.
 #[test]
 fn scenario_helpers_build_valid_policies() {
     let w = World::e2e(|_, _| Ipv4Addr::new(10, 65, 0, 1));
