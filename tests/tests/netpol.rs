@@ -112,8 +112,8 @@ fn root_netpol_truth_tables() {
     eprintln!("cluster started in {:.1?}", c.started_in);
     let mut s = Session::new(&c);
     scenarios(&mut s);
-    s.finish();
     eprintln!("whole test: {:.1?}", t0.elapsed());
+    s.finish();
 }
 
 /// Every scenario, in order. Each resets the cluster when it ends; a few build on their own
