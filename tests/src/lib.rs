@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod netns;
+pub mod netpol;
 pub mod packets;
 pub mod traffic;
 
