@@ -425,3 +425,55 @@ fn root_200_concurrent_adds_across_3_nodes_then_200_dels_leave_nothing() {
     let blocks: Vec<String> = etcd_keys(&cluster, "/calico/ipam/v2/assignment/");
     assert!(blocks.is_empty(), "empty blocks are released: {blocks:?}");
 }
+
+/// Writes `/dataplane/v1/status/<node>` as an agent would (live now, at `revision`).
+fn fake_agent_status(cluster: &Cluster, revision: i64) {
+    let etcd = cluster.etcd.as_ref().unwrap();
+    let node = &cluster.nodes[0];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let value = json!({"node": node.name, "revision": revision, "updatedAtMs": now_ms}).to_string();
+    let out = output(node.ns.command("etcdctl").env("ETCDCTL_API", "3").args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "put",
+        &format!("/dataplane/v1/status/{}", node.name),
+        &value,
+    ]));
+    assert!(out.status.success());
+}
+
+#[test]
+fn root_add_waits_for_the_agent_and_gives_up_cleanly_when_it_lags() {
+    let (cluster, plugins, mut conf) = one_node("1.0.0");
+    let node = &cluster.nodes[0];
+    conf["policy_wait_ms"] = json!(400);
+    // A live agent stuck at revision 1: it will never have programmed the new endpoint.
+    fake_agent_status(&cluster, 1);
+    let sb = Sandbox::new(node, "default", "waits");
+    let started = std::time::Instant::now();
+    let out = cni(node, &plugins, "ADD", &sb, &conf);
+    assert_eq!(out.err_code(), 11, "{out:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(out.json()["details"].as_str().unwrap().contains("revision"));
+    assert!(handles(&cluster).is_empty(), "address leaked");
+    assert!(cali_links(node).is_empty(), "veth leaked");
+    assert!(
+        etcd_keys(
+            &cluster,
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/"
+        )
+        .is_empty(),
+        "endpoint leaked"
+    );
+    // The agent catches up (far ahead): the next ADD succeeds at once.
+    fake_agent_status(&cluster, i64::MAX / 2);
+    let out = cni(node, &plugins, "ADD", &sb, &conf);
+    result_ip(&out.ok());
+}

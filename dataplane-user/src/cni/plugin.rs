@@ -22,6 +22,8 @@ pub const NODENAME_FILE: &str = "/var/lib/dataplane/nodename";
 /// Directory of the node-local IPAM locks.
 pub const LOCK_DIR: &str = "/var/run/dataplane";
 /// How long an ADD or DEL waits for the node's IPAM lock before answering "try again".
+/// How long ADD waits for the agent to program a new endpoint unless the config says.
+const DEFAULT_POLICY_WAIT_MS: u64 = 10_000;
 const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A node-local exclusive lock around IPAM, as Calico's plugin takes one: concurrent ADDs on
@@ -407,11 +409,19 @@ impl Context<'_> {
                 .await
                 .map_err(ds_err("write the WorkloadEndpoint"))
         };
-        if let Err(e) = written {
+        let revision = match written {
+            Ok(r) => r,
+            Err(e) => {
+                self.undo_veth(&host);
+                return Err(e);
+            }
+        };
+        tracing::debug!(elapsed = ?t.elapsed(), "endpoint written");
+        if let Err(e) = self.wait_programmed(ds, node, revision).await {
+            self.undo_endpoint(ds, &wep).await;
             self.undo_veth(&host);
             return Err(e);
         }
-        tracing::debug!(elapsed = ?t.elapsed(), "endpoint written");
         info!(pod = ?self.env.pod(), %ip, iface = %host, "pod added");
         let result = CniResult {
             cni_version: String::new(),
@@ -440,6 +450,62 @@ impl Context<'_> {
             dns: serde_json::Value::Null,
         };
         Ok(to_json(result.in_version(&self.conf.cni_version)))
+    }
+
+    /// Waits until this node's agent reports that its maps reflect `revision` (the endpoint
+    /// and its policy are programmed), so the pod's first packet meets its policy. Without a
+    /// live agent on the node there is nothing to wait for (the programs drop the traffic of
+    /// an endpoint they do not know, so nothing is let through early either).
+    async fn wait_programmed(
+        &self,
+        ds: &Datastore,
+        node: &str,
+        revision: i64,
+    ) -> Result<(), CniError> {
+        let limit =
+            Duration::from_millis(self.conf.policy_wait_ms.unwrap_or(DEFAULT_POLICY_WAIT_MS));
+        if limit.is_zero() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let key = crate::datastore::keys::node_status(node);
+        loop {
+            let status = ds
+                .get::<crate::datastore::NodeStatus>(&key)
+                .await
+                .map_err(ds_err("read the node's agent status"))?
+                .map(|v| v.value);
+            let now = crate::datastore::status::now_ms();
+            match status {
+                None => return Ok(()),
+                Some(s) if !s.is_live(now) => return Ok(()),
+                Some(s) if s.revision >= revision => {
+                    tracing::debug!(waited = ?started.elapsed(), "endpoint programmed by the agent");
+                    return Ok(());
+                }
+                Some(s) if started.elapsed() >= limit => {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN,
+                        "the node's agent has not programmed the endpoint yet",
+                    )
+                    .details(format!(
+                        "waited {} ms for revision {revision}; agent of {node} is at {}",
+                        limit.as_millis(),
+                        s.revision
+                    )));
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    async fn undo_endpoint(&self, ds: &Datastore, wep: &datastore::WorkloadEndpoint) {
+        if let Err(e) = ds
+            .delete_workload_endpoint_if(&wep.key(), wep.container_id())
+            .await
+        {
+            warn!(error = %e, "remove the endpoint after a failed ADD");
+        }
     }
 
     fn undo_veth(&self, host: &str) {

@@ -98,6 +98,11 @@ pub struct NetConf {
     pub log_level: Option<String>,
     #[serde(default)]
     pub nodename: Option<String>,
+    /// How long ADD waits for this node's agent to program the new endpoint (its policy in
+    /// force before the pod's first packet), in milliseconds. Default 10,000; 0: no wait.
+    /// Only waited for when the node has a live agent.
+    #[serde(default)]
+    pub policy_wait_ms: Option<u64>,
     /// Kept raw: passed as is to a delegated IPAM plugin.
     #[serde(default)]
     pub ipam: Option<Value>,

@@ -543,9 +543,18 @@ impl Datastore {
         key: &str,
         value: impl Into<Vec<u8>>,
     ) -> Result<(), DatastoreError> {
+        self.put_raw_rev(key, value).await.map(|_| ())
+    }
+
+    /// Writes `key` and returns the revision of the write (its mod revision).
+    pub async fn put_raw_rev(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<i64, DatastoreError> {
         let mut kv = self.client.kv_client();
-        self.call("put", key, kv.put(key, value, None)).await?;
-        Ok(())
+        let resp = self.call("put", key, kv.put(key, value, None)).await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     /// Every key under `prefix` with its raw value, in key order, read at one revision
@@ -819,11 +828,13 @@ impl Datastore {
 
     /// Writes the endpoint at its key ([`WorkloadEndpoint::key`]), replacing what is there:
     /// the newest ADD of a pod owns its endpoint.
+    /// Writes the endpoint; returns the revision of the write.
     pub async fn put_workload_endpoint(
         &self,
         wep: &WorkloadEndpoint,
-    ) -> Result<(), DatastoreError> {
-        self.put(&wep.key(), wep).await
+    ) -> Result<i64, DatastoreError> {
+        let key = wep.key();
+        self.put_raw_rev(&key, encode(&key, wep)?).await
     }
 
     /// Deletes the endpoint at `key` only if it belongs to `container_id` (a transaction on
