@@ -101,6 +101,19 @@ pub fn tcp_echo(from: &Pod, to: Ipv4Addr) -> bool {
     })
 }
 
+/// A TCP echo to `to` that gives up after `timeout` (a denied connection is silent: its SYN
+/// is dropped, so a short timeout keeps probes of denied pairs quick).
+pub fn tcp_probe(from: &Pod, to: Ipv4Addr, timeout: Duration) -> bool {
+    from.sb.ns.run(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&(to, ECHO_PORT).into(), timeout) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 5];
+        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+    })
+}
+
 pub fn udp_echo(from: &Pod, to: Ipv4Addr) -> bool {
     from.sb.ns.run(|| {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
@@ -308,6 +321,25 @@ impl Deployment {
             plugins,
             cluster,
         }
+    }
+
+    /// `dataplane ctl apply --wait` of `yaml`: returns once every node's agent has programmed
+    /// it. Panics with the tool's message when it fails.
+    pub fn apply(&self, yaml: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("manifest.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let (st, out, err) = self.ctl(&["apply", "--wait", "-f", &f.display().to_string()]);
+        assert!(st.success(), "apply failed: {out}{err}\n{yaml}");
+        out
+    }
+
+    /// `dataplane ctl ARGS…` against the cluster's etcd, from node 0.
+    pub fn ctl(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+        let etcd = self.cluster.etcd.as_ref().unwrap().endpoint();
+        let mut all = vec!["ctl", "--etcd-endpoints", &etcd];
+        all.extend_from_slice(args);
+        dataplane(&self.cluster.nodes[0].ns, &all)
     }
 
     /// `map-dump KIND` of node `i`, as text.

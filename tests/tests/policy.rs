@@ -9,53 +9,24 @@ use std::{
 };
 
 use dataplane_tests::{
-    dataplane, require_root,
-    traffic::{Deployment, ECHO_PORT, Pod, Servers},
+    require_root,
+    traffic::{Deployment, ECHO_PORT, Pod, Servers, tcp_probe},
 };
 
 /// Pods 0–1 on node 0, 2–3 on node 1 (same subnet), 4–5 on node 2 (behind the router).
 const ROLES: [&str; 6] = ["client", "other", "db", "db", "client", "web"];
 
 fn apply(d: &Deployment, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("p.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let etcd = d.cluster.etcd.as_ref().unwrap().endpoint();
-    let (st, out, err) = dataplane(
-        &d.cluster.nodes[0].ns,
-        &[
-            "ctl",
-            "--etcd-endpoints",
-            &etcd,
-            "apply",
-            "--wait",
-            "-f",
-            &f.display().to_string(),
-        ],
-    );
-    assert!(st.success(), "apply failed: {out}{err}\n{yaml}");
+    d.apply(yaml);
 }
 
 fn delete(d: &Deployment, kind: &str, name: &str) {
-    let etcd = d.cluster.etcd.as_ref().unwrap().endpoint();
-    let (st, out, err) = dataplane(
-        &d.cluster.nodes[0].ns,
-        &["ctl", "--etcd-endpoints", &etcd, "delete", kind, name],
-    );
+    let (st, out, err) = d.ctl(&["delete", kind, name]);
     assert!(st.success(), "delete failed: {out}{err}");
 }
 
 fn tcp(from: &Pod, to: Ipv4Addr) -> bool {
-    from.sb.ns.run(|| {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&(to, ECHO_PORT).into(), Duration::from_millis(600))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 5];
-        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok()
-    })
+    tcp_probe(from, to, Duration::from_millis(600))
 }
 
 fn udp(from: &Pod, to: Ipv4Addr) -> bool {

@@ -253,6 +253,7 @@ fn emit(
     class: u32,
     proto: u8,
     pieces: &Pieces,
+    inherited: Option<Verdict>,
 ) {
     let mut cover: HashMap<Verdict, u32> = HashMap::new();
     for (i, (start, v)) in pieces.iter().enumerate() {
@@ -271,7 +272,10 @@ fn emit(
         _pad: 0,
         port: (port as u16).to_be_bytes(),
     };
-    out.insert((POLICY_PORT_PROTO_BITS, key(0)), background);
+    // The class-wide entry already answers for the protocol when it says the same.
+    if inherited != Some(background) {
+        out.insert((POLICY_PORT_PROTO_BITS, key(0)), background);
+    }
     for (i, (start, v)) in pieces.iter().enumerate() {
         if *v == background {
             continue;
@@ -435,7 +439,7 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
             if !has_ports {
                 dpieces.truncate(1);
             }
-            emit(&mut e.port, policy, class, proto, &dpieces);
+            emit(&mut e.port, policy, class, proto, &dpieces, Some(other));
             if e.len() > limit {
                 return Err(TooBig {
                     needed: e.len(),
@@ -445,7 +449,7 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
         }
     }
     for (table, proto, p) in &sport_entries {
-        emit(&mut e.port, policy, *table, *proto, p);
+        emit(&mut e.port, policy, *table, *proto, p, None);
     }
     if e.len() > limit {
         return Err(TooBig {

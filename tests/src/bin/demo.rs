@@ -1,14 +1,58 @@
 //! `cargo xtask demo`: a three-node cluster in a box with a real etcd — two nodes on one
 //! subnet, a third behind a router — the pool in CrossSubnet mode, two pods per node made by
 //! the CNI plugin, agents syncing routes from etcd, an all-to-all ping/TCP matrix, and a
-//! capture on the fabric showing which pairs travelled in IP-in-IP.
+//! capture on the fabric showing which pairs travelled in IP-in-IP; then Kubernetes
+//! NetworkPolicies (default-deny and an allow) and the connectivity matrix before and after.
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use dataplane_tests::{
     require_root,
-    traffic::{Deployment, Servers, capture, inner_pair, ping, tcp_echo},
+    traffic::{Deployment, Pod, Servers, capture, inner_pair, ping, tcp_echo, tcp_probe},
 };
+
+/// Pod roles for the policy part: even pods are frontends, odd pods backends.
+fn role(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "frontend"
+    } else {
+        "backend"
+    }
+}
+
+/// The TCP matrix (rows: from, columns: to); returns the pairs that differ from `expect`.
+fn tcp_matrix(pods: &[Pod], expect: impl Fn(usize, usize) -> bool) -> usize {
+    print!("{:<24}", "");
+    for j in 0..pods.len() {
+        print!("{:>13}", format!("{}:{}", role(j), j));
+    }
+    println!();
+    let mut wrong = 0;
+    for (i, a) in pods.iter().enumerate() {
+        print!("{:<24}", format!("{} {}", a.ip, role(i)));
+        for (j, b) in pods.iter().enumerate() {
+            if i == j {
+                print!("{:>13}", "-");
+                continue;
+            }
+            let ok = tcp_probe(a, b.ip, Duration::from_millis(400));
+            if ok != expect(i, j) {
+                wrong += 1;
+            }
+            let cell = match (ok, ok == expect(i, j)) {
+                (true, true) => "allow",
+                (false, true) => "deny",
+                (true, false) => "ALLOW(!)",
+                (false, false) => "DENY(!)",
+            };
+            print!("{cell:>13}");
+        }
+        println!();
+    }
+    wrong
+}
 
 fn step(text: &str) {
     println!("\n==> {text}");
@@ -73,7 +117,6 @@ fn main() {
         println!();
     }
     println!("    (cell: ICMP/TCP)  {failed} failing pairs");
-    drop(servers);
 
     step("capture on the fabric: pod pairs that crossed in IP-in-IP (outer protocol 4)");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -99,7 +142,36 @@ fn main() {
         "    node-1 ↔ node-2 pairs went native (same subnet); pairs with node-3 were encapsulated"
     );
 
-    step("node-1's counters (dataplane map-dump counters)");
+    step("policy: label the pods (Kubernetes Pod objects through `dataplane ctl apply`)");
+    let mut pods_yaml = String::new();
+    for (i, p) in d.pods.iter().enumerate() {
+        pods_yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{app: {}}}}}\nspec: {{containers: [{{name: app, ports: [{{name: echo, containerPort: 7000}}]}}]}}\n",
+            p.sb.pod,
+            role(i)
+        ));
+    }
+    print!("{}", d.apply(&pods_yaml));
+    println!("    TCP matrix before any policy:");
+    failed += tcp_matrix(&d.pods, |_, _| true);
+
+    step(
+        "policy: default-deny ingress, then allow frontend → backend on the named port echo (Kubernetes NetworkPolicy, `ctl apply --wait`)",
+    );
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: default-deny, namespace: default}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: frontend-to-backend, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: backend}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: frontend}}}]\n    ports: [{port: echo}]\n";
+    print!("{policy}");
+    print!("{}", d.apply(policy));
+    println!("    TCP matrix with the policies (replies pass through conntrack):");
+    failed += tcp_matrix(&d.pods, |i, j| {
+        role(i) == "frontend" && role(j) == "backend"
+    });
+    drop(servers);
+
+    step("node-1's endpoints and compiled policies (dataplane map-dump endpoints / policy)");
+    print!("{}", d.map_dump(0, "endpoints"));
+    print!("{}", d.map_dump(0, "policy"));
+
+    step("node-1's counters (dataplane map-dump counters): drop_policy counts the denied SYNs");
     print!("{}", d.map_dump(0, "counters"));
 
     step("tearing down (agents, pods, nodes, etcd, router, fabric)");
