@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CtTimeouts, EndpointValue, NodeConfig, RouteValue, counter, route_flags, route_kind,
+    CtTimeouts, EndpointValue, NodeConfig, POLICY_NONE, RouteValue, counter, route_flags,
+    route_kind,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -151,7 +152,14 @@ fn enforce(
     let Ok(flow) = packet::flow(ctx, ip, ETH_LEN) else {
         return Err(drop(stats, counter::DROP_MALFORMED));
     };
-    let timeouts = config().map_or(CtTimeouts::DEFAULT, |c| c.ct_timeouts);
+    let cfg = config();
+    let timeouts = cfg.map_or(CtTimeouts::DEFAULT, |c| c.ct_timeouts);
+    // Kubernetes: an isolated pod still accepts connections from its own node (kubelet's
+    // probes). Tracked like any other, so the replies pass the pod's egress policy.
+    let policy = match cfg {
+        Some(c) if !egress && flow.saddr == c.node_ip => POLICY_NONE,
+        _ => policy,
+    };
     match conntrack::check(ctx, &flow, policy, egress, &timeouts) {
         Outcome::Tracked => stats.add(counter::CT_TRACKED, 1),
         Outcome::New => stats.add(counter::CT_NEW, 1),

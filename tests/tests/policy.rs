@@ -144,6 +144,21 @@ fn root_conntrack_keeps_replies_and_established_connections() {
     assert!(udp(&d.pods[0], ip(3)));
     assert!(!tcp(&d.pods[3], ip(0)), "the db opens nothing");
     assert!(!tcp(&d.pods[1], ip(3)), "not a client");
+    // Its own node may always connect (Kubernetes: kubelet's probes); another node may not.
+    let from_node = |n: usize| {
+        d.cluster.nodes[n].ns.run(|| {
+            TcpStream::connect_timeout(&(ip(3), ECHO_PORT).into(), Duration::from_millis(600))
+                .is_ok()
+        })
+    };
+    let own = from_node(d.pods[3].node);
+    assert!(
+        own,
+        "the pod's own node:\n{}\n{}",
+        d.map_dump(d.pods[3].node, "conntrack"),
+        d.map_dump(d.pods[3].node, "counters")
+    );
+    assert!(!from_node(d.pods[0].node + 2), "a node behind the router");
 
     // An established connection survives a policy that would now refuse it (as in Calico:
     // conntrack keeps it); new ones are refused.
