@@ -941,3 +941,78 @@ mod tests {
         assert!(d.endpoints.is_empty());
     }
 }
+
+#[cfg(test)]
+mod policy_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn put(m: &mut Model, key: &str, v: serde_json::Value) {
+        m.apply(key, Some(v.to_string().as_bytes()));
+    }
+
+    fn wep(m: &mut Model, pod: &str, iface: &str, ip: &str) {
+        put(
+            m,
+            &format!(
+                "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-{pod}-eth0"
+            ),
+            json!({"metadata": {"name": "x", "namespace": "default"}, "spec": {"node": "node-1", "pod": pod, "interfaceName": iface, "mac": "02:00:00:00:00:01", "ipNetworks": [ip]}}),
+        );
+        put(
+            m,
+            &format!("/calico/k8s/pods/default/{pod}"),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": "default", "labels": {"app": "web"}}, "spec": {"containers": []}}),
+        );
+    }
+
+    #[test]
+    fn endpoints_with_the_same_rules_share_them_and_unselected_ones_have_none() {
+        let mut m = Model::default();
+        wep(&mut m, "a", "calia", "10.65.0.2/32");
+        wep(&mut m, "b", "calib", "10.65.0.3/32");
+        wep(&mut m, "c", "calic", "10.65.0.4/32");
+        // c loses the label that the policy selects.
+        put(
+            &mut m,
+            "/calico/k8s/pods/default/c",
+            json!({"metadata": {"name": "c", "namespace": "default", "labels": {"app": "db"}}, "spec": {}}),
+        );
+        put(
+            &mut m,
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/web",
+            json!({"kind": "NetworkPolicy", "metadata": {"name": "web", "namespace": "default"},
+                   "spec": {"selector": "app == 'web'", "ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}]}}),
+        );
+        let idx = |n: &str| match n {
+            "calia" => Some(1),
+            "calib" => Some(2),
+            "calic" => Some(3),
+            _ => None,
+        };
+        let d = m.desired("node-1", idx);
+        let [a_in, a_out] = &d.rules[&1];
+        let [b_in, _] = &d.rules[&2];
+        let [c_in, _] = &d.rules[&3];
+        assert!(Arc::ptr_eq(a_in.as_ref().unwrap(), b_in.as_ref().unwrap()));
+        assert_eq!(a_in.as_ref().unwrap().len(), 1);
+        assert!(a_out.is_none(), "no egress policy");
+        assert!(c_in.is_none(), "c is not selected");
+        // A corrupt policy update is skipped: the model keeps the last good one.
+        m.apply(
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/web",
+            Some(b"{broken"),
+        );
+        assert!(m.desired("node-1", idx).rules[&1][0].is_some());
+        // A policy whose selector does not parse is skipped, the rest keeps working.
+        put(
+            &mut m,
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/bad",
+            json!({"kind": "NetworkPolicy", "metadata": {"name": "bad", "namespace": "default"},
+                   "spec": {"selector": "app == ", "ingress": [{"action": "Deny"}]}}),
+        );
+        let d = m.desired("node-1", idx);
+        assert_eq!(d.rules[&1][0].as_ref().unwrap().len(), 1);
+    }
+}
