@@ -168,16 +168,27 @@ fn enforce(
     Ok(())
 }
 
+/// An IPv4 packet at a pod's veth and the pod's endpoint; `Err` with the verdict for
+/// anything else (non-IPv4 passes, malformed and unprogrammed pods are dropped).
+#[inline(always)]
+fn pod_packet(ctx: &TcContext, stats: &Stats) -> Result<(Ipv4Hdr, EndpointValue), i32> {
+    let ip = match packet::parse(ctx) {
+        Err(()) => return Err(drop(stats, counter::DROP_MALFORMED)),
+        Ok(Frame::Other) => return Err(pass(stats)),
+        Ok(Frame::Ipv4(ip)) => ip,
+    };
+    match endpoint(ctx) {
+        Some(ep) => Ok((ip, ep)),
+        None => Err(drop(stats, counter::DROP_NO_ENDPOINT)),
+    }
+}
+
 /// TC egress of a pod's veth: the pod's ingress policy.
 #[inline(always)]
 pub fn to_workload(ctx: &TcContext, stats: &Stats) -> i32 {
-    let ip = match packet::parse(ctx) {
-        Err(()) => return drop(stats, counter::DROP_MALFORMED),
-        Ok(Frame::Other) => return pass(stats),
-        Ok(Frame::Ipv4(ip)) => ip,
-    };
-    let Some(ep) = endpoint(ctx) else {
-        return drop(stats, counter::DROP_NO_ENDPOINT);
+    let (ip, ep) = match pod_packet(ctx, stats) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
     if let Err(verdict) = enforce(ctx, stats, &ip, ep.ingress_policy, false) {
         return verdict;
@@ -188,13 +199,9 @@ pub fn to_workload(ctx: &TcContext, stats: &Stats) -> i32 {
 /// TC ingress of a pod's veth.
 #[inline(always)]
 pub fn from_workload(ctx: &mut TcContext, stats: &Stats) -> i32 {
-    let ip = match packet::parse(ctx) {
-        Err(()) => return drop(stats, counter::DROP_MALFORMED),
-        Ok(Frame::Other) => return pass(stats),
-        Ok(Frame::Ipv4(ip)) => ip,
-    };
-    let Some(ep) = endpoint(ctx) else {
-        return drop(stats, counter::DROP_NO_ENDPOINT);
+    let (ip, ep) = match pod_packet(ctx, stats) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
     if ep.ip != ip.src_addr {
         return drop(stats, counter::DROP_SPOOFED_SOURCE);

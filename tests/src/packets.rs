@@ -154,22 +154,9 @@ impl TestObject {
         }
     }
 
-    /// Sets this node's address and host NIC in the config map.
+    /// Sets this node's address and host NIC in the config map (default timeouts).
     pub fn set_config(&mut self, node_ip: Ipv4Addr, host_ifindex: u32) {
-        let mut m: Array<&mut MapData, NodeConfig> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
-        m.set(
-            0,
-            NodeConfig {
-                node_ip: node_ip.octets(),
-                host_ifindex,
-                host_mtu: 1500,
-                _pad: 0,
-                ct_timeouts: dataplane_common::CtTimeouts::DEFAULT,
-            },
-            0,
-        )
-        .unwrap();
+        self.set_config_timeouts(node_ip, host_ifindex, CtTimeouts::DEFAULT);
     }
 
     /// Sets the config with conntrack timeouts.
