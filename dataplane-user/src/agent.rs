@@ -41,6 +41,10 @@ pub enum AgentError {
 pub struct AgentOptions {
     pub node: String,
     pub etcd_endpoints: Vec<String>,
+    /// TLS files for etcd (CA, client certificate, client key).
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
     pub host_iface: String,
     pub bpffs_dir: PathBuf,
     /// Conntrack timeouts, written to the config map.
@@ -185,6 +189,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     } else {
         let cfg = crate::datastore::EtcdConfig {
             endpoints: opts.etcd_endpoints.clone(),
+            ca_file: opts.etcd_ca.clone(),
+            cert_file: opts.etcd_cert.clone(),
+            key_file: opts.etcd_key.clone(),
             ..crate::datastore::EtcdConfig::default()
         };
         let ds = crate::datastore::Datastore::connect(&cfg)

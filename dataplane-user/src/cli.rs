@@ -196,6 +196,15 @@ pub struct AgentArgs {
     /// etcd endpoints, comma separated (e.g. http://10.0.0.5:2379).
     #[arg(long, value_delimiter = ',', env = "ETCD_ENDPOINTS")]
     pub etcd_endpoints: Vec<String>,
+    /// CA certificate to verify etcd's server certificate (TLS).
+    #[arg(long, env = "ETCD_CA_CERT_FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub etcd_key: Option<PathBuf>,
     /// The node's NIC toward the other nodes.
     #[arg(long, default_value = "eth0")]
     pub host_iface: String,

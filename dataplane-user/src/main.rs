@@ -57,6 +57,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 ct_timeouts: args.ct_timeouts(),
                 node: args.node,
                 etcd_endpoints: args.etcd_endpoints,
+                etcd_ca: args.etcd_ca,
+                etcd_cert: args.etcd_cert,
+                etcd_key: args.etcd_key,
                 host_iface: args.host_iface,
                 bpffs_dir: args.bpffs_dir,
             };
