@@ -260,10 +260,153 @@ pub struct Etcd {
     pub ns: Netns,
     pub data_dir: tempfile::TempDir,
     pub ip: Ipv4Addr,
+    /// Clients must use mutual TLS.
+    pub tls: bool,
+}
+
+/// Certificates for an etcd with mutual TLS, made with the openssl CLI in a temporary dir:
+/// a CA, the server's certificate (for the etcd address), a client's, a client certificate
+/// that has expired, and a second CA that signed none of them.
+pub struct TlsFiles {
+    pub dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    pub fn generate() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("dp-tls-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .current_dir(d)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=dataplane test {ca}"),
+                "-keyout",
+                &format!("{ca}-key.pem"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        std::fs::write(
+            d.join("server.ext"),
+            format!("subjectAltName=IP:{ETCD_IP}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )
+        .unwrap();
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}-key.pem"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        // An expired client certificate: signed by the CA, valid only in 2020.
+        std::fs::write(d.join("index.txt"), "").unwrap();
+        std::fs::write(d.join("serial"), "1000\n").unwrap();
+        std::fs::write(
+            d.join("ca.cnf"),
+            "[ca]\ndefault_ca=c\n[c]\ndatabase=index.txt\nserial=serial\nnew_certs_dir=.\n\
+             default_md=sha256\npolicy=p\ncopy_extensions=copy\n[p]\ncommonName=supplied\n",
+        )
+        .unwrap();
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=expired",
+            "-keyout",
+            "expired-key.pem",
+            "-out",
+            "expired.csr",
+        ]);
+        openssl(&[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-in",
+            "expired.csr",
+            "-out",
+            "expired.pem",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extfile",
+            "client.ext",
+            "-notext",
+        ]);
+        Self { dir }
+    }
 }
 
 impl Etcd {
     pub fn start(fabric: &Fabric) -> Self {
+        Self::start_with(fabric, None)
+    }
+
+    /// etcd serving clients over mutual TLS only (`https://`, client certificates signed by
+    /// the test CA required).
+    pub fn start_tls(fabric: &Fabric, tls: &TlsFiles) -> Self {
+        Self::start_with(fabric, Some(tls))
+    }
+
+    fn start_with(fabric: &Fabric, tls: Option<&TlsFiles>) -> Self {
         let ns = Netns::new(&format!("{}-etcd", fabric.id));
         fabric.plug(&ns, "eth0", 1, ETCD_IP);
         // Replies to nodes on the second subnet go through the router.
@@ -276,11 +419,23 @@ impl Etcd {
             .prefix("dp-etcd-")
             .tempdir()
             .unwrap();
-        let client = format!("http://{ETCD_IP}:2379");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{ETCD_IP}:2379");
         let peer = format!("http://{ETCD_IP}:2380");
         let log = std::fs::File::create(data_dir.path().join("etcd.log")).unwrap();
-        let child = ns
-            .command("etcd")
+        let mut cmd = ns.command("etcd");
+        if let Some(t) = tls {
+            cmd.args([
+                "--cert-file",
+                &t.path("server.pem"),
+                "--key-file",
+                &t.path("server-key.pem"),
+                "--trusted-ca-file",
+                &t.path("ca.pem"),
+                "--client-cert-auth",
+            ]);
+        }
+        let child = cmd
             .args(["--name", "etcd0", "--data-dir"])
             .arg(data_dir.path().join("data"))
             .args([
@@ -305,20 +460,33 @@ impl Etcd {
             ns,
             data_dir,
             ip: ETCD_IP,
+            tls: tls.is_some(),
         };
         etcd.wait_healthy(Duration::from_secs(20));
         etcd
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.ip)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.ip)
     }
 
-    /// Waits until etcd answers `/health` with `"health":"true"`.
+    /// Waits until etcd answers `/health` with `"health":"true"` (with TLS: until it says in
+    /// its log that it serves clients).
     fn wait_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let body = self.ns.run(|| http_get(self.ip, 2379, "/health"));
+            let body = if self.tls {
+                std::fs::read_to_string(self.data_dir.path().join("etcd.log")).map(|l| {
+                    if l.contains("ready to serve client requests") {
+                        "\"health\":\"true\"".to_owned()
+                    } else {
+                        String::new()
+                    }
+                })
+            } else {
+                self.ns.run(|| http_get(self.ip, 2379, "/health"))
+            };
             if body
                 .as_deref()
                 .is_ok_and(|b| b.contains("\"health\":\"true\""))
