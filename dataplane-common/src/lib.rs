@@ -115,9 +115,6 @@ const _: () = assert!(size_of::<EndpointValue>() == 20);
 /// A policy id meaning "no policy selects this endpoint in this direction": allow.
 pub const POLICY_NONE: u32 = 0;
 
-/// Stands for every protocol no rule of the policy names: see [`PolicyPortKey`].
-pub const PROTO_OTHER: u8 = 255;
-
 /// Key of the policy address classifier (LPM trie): prefix bits 32 + the CIDR's length, so
 /// the policy id always matches exactly.
 #[repr(C)]

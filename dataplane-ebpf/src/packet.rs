@@ -149,6 +149,15 @@ impl Flow {
 #[inline(always)]
 pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Result<Flow, ()> {
     let l4_off = l3_off + usize::from(ip.vihl & 0x0f) * 4;
+    // The transport header must lie within the IP packet, not in padding after it.
+    let ip_end = l3_off + usize::from(u16::from_be_bytes(ip.tot_len));
+    let within = |len: usize| {
+        if l4_off + len <= ip_end {
+            Ok(())
+        } else {
+            Err(())
+        }
+    };
     let mut f = Flow {
         saddr: ip.src_addr,
         daddr: ip.dst_addr,
@@ -166,17 +175,20 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Result<Flow, ()> {
     }
     match ip.proto {
         IPPROTO_TCP => {
+            within(14)?;
             let h: [u8; 14] = ctx.load(l4_off).map_err(|_| ())?;
             f.sport = [h[0], h[1]];
             f.dport = [h[2], h[3]];
             f.tcp_flags = h[13];
         }
         IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
+            within(4)?;
             let h: [u8; 4] = ctx.load(l4_off).map_err(|_| ())?;
             f.sport = [h[0], h[1]];
             f.dport = [h[2], h[3]];
         }
         IPPROTO_ICMP => {
+            within(8)?;
             let h: [u8; 8] = ctx.load(l4_off).map_err(|_| ())?;
             f.icmp_type = h[0];
             f.icmp_code = h[1];

@@ -236,7 +236,6 @@ fn proto_name(p: u8) -> String {
         6 => "TCP".to_owned(),
         17 => "UDP".to_owned(),
         132 => "SCTP".to_owned(),
-        dataplane_common::PROTO_OTHER => "other".to_owned(),
         n => n.to_string(),
     }
 }

@@ -20,8 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use dataplane_common::{
-    POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, PROTO_OTHER, PolicyIpKey, PolicyPortKey,
-    Verdict, verdict,
+    POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, PolicyIpKey, PolicyPortKey, Verdict, verdict,
 };
 use ipnet::Ipv4Net;
 
@@ -44,8 +43,16 @@ impl ProtoMatch {
         match self {
             Self::Any => true,
             Self::Is(p) => p == proto,
-            // PROTO_OTHER stands for protocols no rule names, so it differs from `p`.
             Self::Not(p) => p != proto,
+        }
+    }
+
+    /// Whether the term matches the protocols no term of the class names (what the
+    /// class-wide entry stands for): they differ from every named protocol, 255 included.
+    fn matches_unnamed(self) -> bool {
+        match self {
+            Self::Any | Self::Not(_) => true,
+            Self::Is(_) => false,
         }
     }
 
@@ -372,10 +379,11 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
     for (ci, ts) in class_terms.iter().enumerate() {
         let class = ci as u32 + 1;
         let here: Vec<(usize, &Term)> = ts.iter().map(|&ti| terms[ti]).collect();
-        let first = |proto: u8, dport: u16, sport: Option<u16>| -> Verdict {
+        // `proto` None: a protocol no term of this class names.
+        let first = |proto: Option<u8>, dport: u16, sport: Option<u16>| -> Verdict {
             here.iter()
                 .find(|(_, t)| {
-                    t.proto.matches(proto)
+                    proto.map_or(t.proto.matches_unnamed(), |p| t.proto.matches(p))
                         && t.dport.contains(dport)
                         && sport.is_none_or(|s| t.sport.contains(s))
                 })
@@ -388,7 +396,7 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
         };
         // Protocols named by this class's terms; the rest share the class-wide entry.
         let named: BTreeSet<u8> = here.iter().filter_map(|(_, t)| t.proto.named()).collect();
-        let other = first(PROTO_OTHER, 0, Some(0));
+        let other = first(None, 0, Some(0));
         e.port.insert(
             (
                 POLICY_PORT_CLASS_BITS,
@@ -417,12 +425,12 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
             }
             let uses_sport = !sbounds.is_empty();
             let mut dpieces = pieces(&dbounds, |dport| {
-                let v = first(proto, dport, None);
+                let v = first(Some(proto), dport, None);
                 if !uses_sport || v.action == verdict::NO_MATCH {
                     return v;
                 }
                 // The verdict may depend on the source port: a table of its own.
-                let table = pieces(&sbounds, |sport| first(proto, dport, Some(sport)));
+                let table = pieces(&sbounds, |sport| first(Some(proto), dport, Some(sport)));
                 if table.len() == 1 {
                     return table[0].1;
                 }
@@ -599,6 +607,33 @@ mod tests {
         assert_eq!(v("10.2.3.4", 6, 81).action, verdict::ALLOW);
         assert_eq!(v("10.2.3.4", 17, 80).action, verdict::NO_MATCH);
         assert_eq!(v("10.2.3.4", 47, 0).action, verdict::NO_MATCH);
+        // A rule naming protocol 255 (a real, reserved number) says nothing about others.
+        let only_255 = vec![rule(
+            verdict::ALLOW,
+            vec![Term {
+                proto: ProtoMatch::Is(255),
+                ..Term::any()
+            }],
+        )];
+        let e = compile(8, &only_255, 1000).unwrap();
+        let at = |proto| evaluate(&e, 8, "10.0.0.1".parse().unwrap(), proto, 80, 1).action;
+        assert_eq!(
+            (at(255), at(6), at(17)),
+            (verdict::ALLOW, verdict::NO_MATCH, verdict::NO_MATCH)
+        );
+        let not_255 = vec![rule(
+            verdict::ALLOW,
+            vec![Term {
+                proto: ProtoMatch::Not(255),
+                ..Term::any()
+            }],
+        )];
+        let e = compile(8, &not_255, 1000).unwrap();
+        let at = |proto| evaluate(&e, 8, "10.0.0.1".parse().unwrap(), proto, 80, 1).action;
+        assert_eq!(
+            (at(255), at(6), at(47)),
+            (verdict::NO_MATCH, verdict::ALLOW, verdict::ALLOW)
+        );
         // Isolation with no rules: one class, one entry.
         let e = compile(9, &[], 10).unwrap();
         assert_eq!((e.ip.len(), e.port.len()), (1, 1));
