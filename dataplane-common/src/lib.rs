@@ -15,6 +15,7 @@ pub mod map_names {
     pub const POLICY_IP: &str = "DP_POLICY_IP";
     pub const POLICY_PORT: &str = "DP_POLICY_PORT";
     pub const CONNTRACK: &str = "DP_CONNTRACK";
+    pub const FRAGMENTS: &str = "DP_FRAGMENTS";
 }
 
 /// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
@@ -29,6 +30,8 @@ pub const MAX_POLICY_IP: u32 = 1 << 20;
 pub const MAX_POLICY_PORT: u32 = 1 << 21;
 /// Most tracked connections per node.
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Most fragmented datagrams in flight whose first fragment was allowed (LRU).
+pub const MAX_FRAGMENTS: u32 = 1 << 14;
 
 /// What a route leads to: [`RouteValue::kind`].
 pub mod route_kind {
@@ -247,6 +250,21 @@ impl CtKey {
         }
     }
 }
+
+/// Key of the fragments map: a datagram whose first fragment policy allowed at one hook,
+/// so that its later fragments (which carry no ports) pass there too, and no others do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IP identification, network order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    /// 1: checked by the sending pod's egress policy; 0: by the receiving pod's ingress.
+    pub egress: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
 
 /// Value of the conntrack map.
 #[repr(C)]
@@ -510,4 +528,6 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as for RouteValue.
     unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for FragKey {}
 }

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CtTimeouts, EndpointValue, NodeConfig, POLICY_NONE, RouteValue, counter, route_flags,
+    CtTimeouts, EndpointValue, FragKey, NodeConfig, POLICY_NONE, RouteValue, counter, route_flags,
     route_kind,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    DP_CONFIG, DP_ENDPOINTS, DP_NODES, DP_ROUTES,
+    DP_CONFIG, DP_ENDPOINTS, DP_FRAGMENTS, DP_NODES, DP_ROUTES,
     conntrack::{self, Outcome},
     counters::Stats,
     ipip,
@@ -160,12 +160,53 @@ fn enforce(
         Some(c) if !egress && flow.saddr == c.node_ip => POLICY_NONE,
         _ => policy,
     };
+    if flow.later_fragment {
+        return later_fragment(stats, &flow, policy, egress);
+    }
     match conntrack::check(ctx, &flow, policy, egress, &timeouts) {
         Outcome::Tracked => stats.add(counter::CT_TRACKED, 1),
         Outcome::New => stats.add(counter::CT_NEW, 1),
         Outcome::Drop(reason) => return Err(drop(stats, reason)),
     }
+    if flow.more_fragments && policy != POLICY_NONE {
+        // The rest of this datagram carries no ports: remember that its head was allowed.
+        // A full LRU map forgets the oldest; nothing to handle here.
+        let _ = DP_FRAGMENTS.insert(frag_key(&flow, egress), 1, 0);
+    }
     Ok(())
+}
+
+#[inline(always)]
+fn frag_key(flow: &packet::Flow, egress: bool) -> FragKey {
+    FragKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        egress: u8::from(egress),
+    }
+}
+
+/// A fragment after the first has no transport header, so policy cannot judge it: it passes
+/// when its datagram's first fragment was allowed at this hook, and only then. Nothing is
+/// tracked for it.
+#[inline(always)]
+fn later_fragment(
+    stats: &Stats,
+    flow: &packet::Flow,
+    policy: u32,
+    egress: bool,
+) -> Result<(), i32> {
+    if policy == POLICY_NONE {
+        return Ok(());
+    }
+    // SAFETY: the value is only tested for presence.
+    if unsafe { DP_FRAGMENTS.get(frag_key(flow, egress)) }.is_some() {
+        stats.add(counter::CT_TRACKED, 1);
+        Ok(())
+    } else {
+        Err(drop(stats, counter::DROP_POLICY))
+    }
 }
 
 /// An IPv4 packet at a pod's veth and the pod's endpoint; `Err` with the verdict for

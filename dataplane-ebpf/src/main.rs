@@ -13,14 +13,14 @@ mod redirect;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use dataplane_common::{
-    CounterKey, Counters, CtKey, CtValue, EndpointValue, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES, NodeConfig, NodeValue,
-    PolicyIpKey, PolicyPortKey, RouteValue, Verdict, counter, hook,
+    CounterKey, Counters, CtKey, CtValue, EndpointValue, FragKey, MAX_CONNTRACK, MAX_COUNTER_KEYS,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES,
+    NodeConfig, NodeValue, PolicyIpKey, PolicyPortKey, RouteValue, Verdict, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
@@ -54,6 +54,10 @@ static DP_POLICY_IP: LpmTrie<PolicyIpKey, u32, { MAX_POLICY_IP as usize }> = Lpm
 #[btf_map]
 static DP_POLICY_PORT: LpmTrie<PolicyPortKey, Verdict, { MAX_POLICY_PORT as usize }> =
     LpmTrie::new();
+
+/// Fragmented datagrams whose first fragment was allowed, per hook (LRU: no sweeping).
+#[btf_map]
+static DP_FRAGMENTS: LruHashMap<FragKey, u8, { MAX_FRAGMENTS as usize }> = LruHashMap::new();
 
 /// Tracked connections. Written by the programs; expired entries are swept by the agent.
 #[btf_map]

@@ -120,6 +120,10 @@ pub struct Flow {
     pub l4_off: usize,
     /// A fragment other than the first.
     pub later_fragment: bool,
+    /// More fragments follow (MF set).
+    pub more_fragments: bool,
+    /// The IP identification, network order.
+    pub ip_id: [u8; 2],
 }
 
 impl Flow {
@@ -169,6 +173,8 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Result<Flow, ()> {
         icmp_code: 0,
         l4_off,
         later_fragment: u16::from_be_bytes(ip.frags) & 0x1fff != 0,
+        more_fragments: u16::from_be_bytes(ip.frags) & 0x2000 != 0,
+        ip_id: ip.id,
     };
     if f.later_fragment {
         return Ok(f);
@@ -224,6 +230,8 @@ pub fn icmp_inner_flow(ctx: &TcContext, outer: &Flow) -> Result<Flow, ()> {
         icmp_code: 0,
         l4_off: l4,
         later_fragment: false,
+        more_fragments: false,
+        ip_id: ip.id,
     };
     if ip.proto == IPPROTO_ICMP {
         f.sport = [h[4], h[5]];

@@ -105,7 +105,7 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
@@ -114,6 +114,7 @@ const PINNED_MAPS: [&str; 8] = [
     map_names::POLICY_IP,
     map_names::POLICY_PORT,
     map_names::CONNTRACK,
+    map_names::FRAGMENTS,
 ];
 
 /// The programs of one interface, attached through pinned TCX links.

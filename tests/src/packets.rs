@@ -198,6 +198,11 @@ impl TestObject {
         }
     }
 
+    /// The fragments map (datagrams whose first fragment was allowed).
+    pub fn fragments(&mut self) -> HashMap<&mut MapData, dataplane_common::FragKey, u8> {
+        HashMap::try_from(self.ebpf.map_mut(map_names::FRAGMENTS).unwrap()).unwrap()
+    }
+
     /// The conntrack map.
     pub fn conntrack(&mut self) -> HashMap<&mut MapData, CtKey, CtValue> {
         HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap()

@@ -227,3 +227,62 @@ fn root_unprogrammed_pods_and_truncated_headers_are_dropped() {
         1
     );
 }
+
+/// `frame` with IP identification `id`, fragment offset `offset` (8-byte units) and MF.
+fn fragment(mut frame: Vec<u8>, id: u16, offset: u16, more: bool) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    let frags = offset | if more { 0x2000 } else { 0 };
+    frame[20..22].copy_from_slice(&frags.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = dataplane_tests::packets::checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+#[test]
+fn root_later_fragments_pass_only_behind_an_allowed_first_fragment() {
+    use dataplane::policy::compile::{PortSet, ProtoMatch, Term};
+    require_root();
+    let mut obj = object(CtTimeouts::DEFAULT);
+    // The pod accepts UDP to port 53 only.
+    let dns = CompiledRule {
+        action: dataplane_common::verdict::ALLOW,
+        terms: vec![Term {
+            proto: ProtoMatch::Is(17),
+            dport: PortSet {
+                any_of: Some(vec![(53, 53)]),
+                none_of: vec![],
+            },
+            ..Term::any()
+        }],
+        origin: String::new(),
+    };
+    obj.install_policy(&policy(9, &[dns]));
+    obj.set_endpoint(
+        IFINDEX,
+        EndpointValue {
+            ip: POD.octets(),
+            ingress_policy: 9,
+            ..Default::default()
+        },
+    );
+    let head = |dport, id| fragment(udp_frame_ports(PEER, POD, 5000, dport), id, 0, true);
+    // A later fragment: 8 bytes of payload at offset 2 (16 bytes), no ports.
+    let tail = |id| fragment(frame(PEER, POD, 17, &[7; 8]), id, 2, false);
+    assert_eq!(
+        obj.run("to_workload", &head(53, 77)).return_value,
+        TC_ACT_OK
+    );
+    assert_eq!(obj.run("to_workload", &tail(77)).return_value, TC_ACT_OK);
+    // The head to a closed port is dropped, and so is its tail; a tail with no head too.
+    assert_eq!(
+        obj.run("to_workload", &head(54, 78)).return_value,
+        TC_ACT_SHOT
+    );
+    assert_eq!(obj.run("to_workload", &tail(78)).return_value, TC_ACT_SHOT);
+    assert_eq!(obj.run("to_workload", &tail(79)).return_value, TC_ACT_SHOT);
+    let c = obj.counters(IFINDEX, hook::TO_WORKLOAD);
+    assert_eq!(c[counter::DROP_POLICY], 3);
+    assert_eq!(c[counter::CT_NEW], 1);
+    assert_eq!(c[counter::CT_TRACKED], 1);
+}
