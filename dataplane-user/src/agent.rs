@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     path::PathBuf,
+    sync::Arc,
 };
 
 use futures::StreamExt as _;
@@ -14,6 +15,8 @@ use crate::{
     WORKLOAD_IFACE_PREFIX,
     attach::{AttachError, Attachment, Programs, Role},
     bpffs::{BpffsError, PinDir},
+    health::{Health, SyncObserver},
+    metrics::Metrics,
     netlink::{self, Link, LinkEvent, NetlinkError},
 };
 
@@ -35,6 +38,12 @@ pub enum AgentError {
     Sync(#[from] Box<crate::sync::SyncError>),
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+    #[error("listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +58,12 @@ pub struct AgentOptions {
     pub bpffs_dir: PathBuf,
     /// Conntrack timeouts, written to the config map.
     pub ct_timeouts: dataplane_common::CtTimeouts,
+    /// Where `/liveness` and `/readiness` are served (`None`: not served).
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served (`None`: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long etcd may be unreachable before readiness fails.
+    pub readiness_grace: std::time::Duration,
 }
 
 /// How often expired conntrack entries are removed.
@@ -175,6 +190,44 @@ async fn register_node(ds: &crate::datastore::Datastore, name: &str, addr: Optio
     }
 }
 
+/// Binds the health and metrics listeners (one, when both have the same address) and
+/// serves them on tasks. Every address is bound before any is served, so a taken port fails
+/// the start with nothing left running.
+async fn serve_endpoints(
+    opts: &AgentOptions,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
+    let mut endpoints: Vec<(&'static str, std::net::SocketAddr, axum::Router)> = Vec::new();
+    if let Some(addr) = opts.health_listen {
+        endpoints.push(("health", addr, crate::health::router(health.clone())));
+    }
+    if let Some(addr) = opts.metrics_listen {
+        let router = crate::metrics::router(metrics.clone());
+        match endpoints.iter_mut().find(|(_, a, _)| *a == addr) {
+            Some(shared) => {
+                shared.0 = "health and metrics";
+                shared.2 = std::mem::take(&mut shared.2).merge(router);
+            }
+            None => endpoints.push(("metrics", addr, router)),
+        }
+    }
+    let mut bound = Vec::new();
+    for (what, addr, router) in endpoints {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Listen { what, addr, source })?;
+        bound.push((what, addr, listener, router));
+    }
+    Ok(bound
+        .into_iter()
+        .map(|(what, addr, listener, router)| {
+            info!(what, %addr, "serving over HTTP");
+            tokio::spawn(crate::health::serve(what, listener, router))
+        })
+        .collect())
+}
+
 /// Runs the agent until `shutdown` completes. On shutdown the programs stay attached (their
 /// links are pinned), so the dataplane keeps forwarding while the agent restarts.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
@@ -200,6 +253,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
         Some((ds, writer))
     };
+    let health = Arc::new(Health::new(sync_parts.is_some(), opts.readiness_grace));
+    let metrics = Arc::new(Metrics::new(pins.root(), health.clone()));
+    // Served from now on: liveness during start-up, readiness false until attached.
+    let servers = serve_endpoints(&opts, &health, &metrics).await?;
     let timeouts = opts.ct_timeouts;
     let host_addr = netlink::ipv4_of(host_ifindex).await?;
     let node_ip = host_addr.map_or([0; 4], |a| a.addr().octets());
@@ -239,8 +296,12 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     })();
     if let Err(e) = startup {
         state.detach_all();
+        for task in servers {
+            task.abort();
+        }
         return Err(e.into());
     }
+    health.set_attached();
     info!(
         node = %opts.node,
         host_iface = %opts.host_iface,
@@ -253,9 +314,13 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     // etcd is away, and the maps keep their last state meanwhile.
     let sync_task = sync_parts.map(|(ds, writer)| {
         let node = opts.node.clone();
+        let observer = SyncObserver {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(async move {
             register_node(&ds, &node, host_addr).await;
-            crate::sync::run(ds, node, writer).await;
+            crate::sync::run(ds, node, writer, observer).await;
         })
     });
     if sync_task.is_none() {
@@ -263,6 +328,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     }
     let sweep_task = tokio::spawn(sweep_conntrack(pins.root().to_owned(), timeouts));
 
+    let mut heartbeat = tokio::time::interval(crate::health::HEARTBEAT_EVERY);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -272,7 +338,16 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                     task.abort();
                 }
                 sweep_task.abort();
+                for task in servers {
+                    task.abort();
+                }
                 return Ok(());
+            }
+            _ = heartbeat.tick() => {
+                // A sync task that ended (it only ends by panicking) is a dead agent.
+                if sync_task.as_ref().is_none_or(|t| !t.is_finished()) {
+                    health.beat();
+                }
             }
             event = events.next() => {
                 let Some(event) = event else { return Err(AgentError::EventsEnded) };

@@ -10,13 +10,26 @@ use crate::DEFAULT_BPFFS_DIR;
 /// eBPF dataplane for Kubernetes pod networking: TC programs on every pod veth and on the host
 /// NIC, driven by a per-node agent from etcd.
 #[derive(Debug, Parser)]
-#[command(name = "dataplane", version, propagate_version = true)]
+#[command(
+    name = "dataplane",
+    version,
+    propagate_version = true,
+    after_help = "Examples:
+  dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379
+  dataplane map-dump routes
+  dataplane ctl apply -f policy.yaml --wait
+  dataplane ctl node status
+  dataplane completions bash > /etc/bash_completion.d/dataplane
+
+As a CNI plugin (CNI_COMMAND set) it reads the network config on stdin instead."
+)]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
-    /// `dataplane=debug`).
-    #[arg(long, global = true, env = "DATAPLANE_LOG", default_value = "info")]
-    pub log_level: String,
-    /// Log format.
+    /// Log filter: error, warn, info, debug, trace, or a tracing filter such as
+    /// `info,dataplane::sync=debug`. Without the flag: $DATAPLANE_LOG, else $RUST_LOG, else
+    /// info.
+    #[arg(long, global = true, env = "DATAPLANE_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format: text for people, json (one object per line) for log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -38,14 +51,27 @@ pub enum Command {
     /// programs attached (their links are pinned under --bpffs-dir), so a restart does not
     /// interrupt traffic; a new agent takes the pins over and swaps its programs in.
     ///
-    /// Example:
+    /// It serves GET /liveness and /readiness on --health-listen and Prometheus metrics on
+    /// GET /metrics on --metrics-listen. Readiness is true once the programs are attached and
+    /// the first full sync from etcd is in the maps, and false again while etcd has been
+    /// unreachable for more than --readiness-grace seconds.
+    ///
+    /// Examples:
     ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 --host-iface eth0
+    ///   dataplane agent --node node-1 --etcd-endpoints https://10.0.0.5:2379 \
+    ///       --etcd-ca ca.pem --etcd-cert client.pem --etcd-key client-key.pem
+    ///   dataplane agent --node node-1 --health-listen 127.0.0.1:9099 --metrics-listen off \
+    ///       --log-format json --log-level info,dataplane::sync=debug
+    ///   curl -s localhost:9099/readiness; curl -s localhost:9091/metrics
+    #[command(verbatim_doc_comment)]
     Agent(AgentArgs),
     /// Print the contents of the pinned maps (works with the agent stopped).
     ///
     /// Examples:
     ///   dataplane map-dump counters
+    ///   dataplane map-dump routes --json
     ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
+    #[command(verbatim_doc_comment)]
     MapDump(MapDumpArgs),
     /// Manage resources in etcd (pools, nodes, policies, namespaces, pods) and inspect IPAM.
     ///
@@ -56,8 +82,21 @@ pub enum Command {
     ///   dataplane ctl get netpol -n prod
     ///   dataplane ctl delete node node-3
     ///   dataplane ctl ipam show
+    ///   dataplane ctl node status -o json
     #[command(verbatim_doc_comment)]
     Ctl(CtlArgs),
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   dataplane completions bash > /etc/bash_completion.d/dataplane
+    ///   dataplane completions zsh > "${fpath[1]}/_dataplane"
+    ///   dataplane completions fish > ~/.config/fish/completions/dataplane.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How to reach etcd (shared by the commands that talk to it).
@@ -170,16 +209,69 @@ pub enum CtlCommand {
         namespace: String,
     },
     /// IPAM state.
+    ///
+    /// Example:
+    ///   dataplane ctl ipam show
+    #[command(verbatim_doc_comment)]
     Ipam {
         #[command(subcommand)]
         command: IpamCommand,
+    },
+    /// The nodes and their agents.
+    ///
+    /// Example:
+    ///   dataplane ctl node status
+    #[command(verbatim_doc_comment)]
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum IpamCommand {
     /// Every allocation block: its affinity, addresses used and free, handles.
+    ///
+    /// Example:
+    ///   dataplane ctl --etcd-endpoints http://10.0.0.5:2379 ipam show
+    #[command(verbatim_doc_comment)]
     Show,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every node: address and subnet (its Node resource), affine IPAM blocks, whether its
+    /// agent is alive (its status key refreshed within 30 s), the etcd revision its maps are
+    /// programmed to and how far that is behind etcd's current revision. For this node, when
+    /// its pin directory is readable: the attached interfaces and each map's fill level
+    /// against its limit.
+    ///
+    /// The lag counts every etcd revision since the programmed one, including writes the
+    /// agent does not act on (other agents' status reports), so a few revisions of lag on a
+    /// quiet cluster are normal; a lag that keeps growing while changes are made is not.
+    ///
+    /// Examples:
+    ///   dataplane ctl node status
+    ///   dataplane ctl node status -o json
+    ///   dataplane ctl node status --node node-1 --bpffs-dir /sys/fs/bpf/dataplane
+    #[command(verbatim_doc_comment)]
+    Status {
+        /// table for people, json for scripts (a stable document).
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = StatusFormat::Table)]
+        output: StatusFormat,
+        /// This node's name (default: /var/lib/dataplane/nodename, else the hostname).
+        #[arg(long, env = "NODENAME")]
+        node: Option<String>,
+        /// This node's agent's pin directory, read for the attached interfaces and map fill.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -214,6 +306,19 @@ pub struct AgentArgs {
     /// Where this agent pins its maps and links (one directory per agent; it is locked).
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
+    /// Address of the health endpoints: GET /liveness (200 while the agent runs) and
+    /// GET /readiness (200 once attached and the first sync from etcd is programmed). `off`
+    /// or '' serves neither.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9099")]
+    pub health_listen: Listen,
+    /// Address of the Prometheus metrics, GET /metrics. `off` or '' serves none. May be the
+    /// same as --health-listen.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_listen: Listen,
+    /// Seconds etcd may be unreachable before /readiness reports not ready (the maps keep
+    /// their last state meanwhile).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub readiness_grace: u64,
     /// Conntrack: seconds an unanswered TCP handshake is kept.
     #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_syn, value_name = "SECS")]
     pub ct_tcp_syn_timeout: u32,
@@ -250,6 +355,23 @@ impl AgentArgs {
             other: self.ct_other_timeout,
             _pad: 0,
         }
+    }
+}
+
+/// A listen address, or none (`off` or '').
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address such as 0.0.0.0:9099 (or off)"))
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! One module per concern: [`bpffs`] (the pin directory and its lock), [`attach`] (programs ↔
 //! interfaces), [`netlink`] (interface events), [`maps`] (typed access to pinned maps),
-//! [`agent`] (the reconcile loop), [`dump`] (map-dump), [`cli`] (the command line).
+//! [`agent`] (the reconcile loop), [`health`] and [`metrics`] (its HTTP endpoints), [`pinned`]
+//! (map fill and attached interfaces, read from the pins), [`dump`] (map-dump), [`cli`] (the
+//! command line).
 
 pub mod agent;
 pub mod attach;
@@ -13,9 +15,12 @@ pub mod cni;
 pub mod ctl;
 pub mod datastore;
 pub mod dump;
+pub mod health;
 pub mod ipam;
 pub mod maps;
+pub mod metrics;
 pub mod netlink;
+pub mod pinned;
 pub mod policy;
 pub mod sync;
 

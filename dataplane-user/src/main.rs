@@ -3,7 +3,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use dataplane::{
     agent::{self, AgentOptions},
-    cli::{Cli, Command, CtlCommand, DumpKind, EtcdArgs, IpamCommand, LogFormat, OutputFormat},
+    cli::{
+        Cli, Command, CtlCommand, DumpKind, EtcdArgs, IpamCommand, LogFormat, NodeCommand,
+        OutputFormat, StatusFormat,
+    },
     ctl,
     datastore::{Datastore, EtcdConfig},
     dump, error_chain,
@@ -31,8 +34,13 @@ fn main() -> ExitCode {
         return dataplane::cni::main(kind);
     }
     let cli = Cli::parse();
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|l| !l.is_empty()))
+        .unwrap_or_else(|| "info".to_owned());
     // netlink-packet-route warns about every attribute newer than itself; that is noise here.
-    let directives = format!("{},netlink_packet_route=error", cli.log_level);
+    let directives = format!("{level},netlink_packet_route=error");
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -62,6 +70,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 etcd_key: args.etcd_key,
                 host_iface: args.host_iface,
                 bpffs_dir: args.bpffs_dir,
+                health_listen: args.health_listen.0,
+                metrics_listen: args.metrics_listen.0,
+                readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -77,6 +88,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 .enable_all()
                 .build()?;
             rt.block_on(run_ctl(&args.etcd, args.command))?;
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dataplane", &mut std::io::stdout());
         }
         Command::MapDump(args) => {
             let root = &args.bpffs_dir;
@@ -159,6 +174,26 @@ async fn run_ctl(
     etcd: &EtcdArgs,
     command: CtlCommand,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if let CtlCommand::Node {
+        command:
+            NodeCommand::Status {
+                output,
+                node,
+                bpffs_dir,
+            },
+    } = &command
+    {
+        let ds = Datastore::connect(&etcd_config(etcd)).await?;
+        let node = node
+            .clone()
+            .unwrap_or_else(ctl::node_status::default_node_name);
+        let report = ctl::node_status::node_status(&ds, &node, bpffs_dir).await?;
+        match output {
+            StatusFormat::Table => print!("{}", ctl::node_status::table(&report)),
+            StatusFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        }
+        return Ok(());
+    }
     // Parse input before connecting, so a bad file fails without touching etcd.
     let manifests = match &command {
         CtlCommand::Apply { file, .. } => ctl::read_manifests(file)?,
@@ -200,6 +235,8 @@ async fn run_ctl(
         CtlCommand::Ipam {
             command: IpamCommand::Show,
         } => print!("{}", ctl::ipam_show(&ds).await?),
+        // Handled above (it needs no manifests).
+        CtlCommand::Node { .. } => {}
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::{
         Datastore, DatastoreError, IpPool, IpipMode, Node, Pool, WorkloadEndpoint,
         keys::Key as DsKey,
     },
+    health::SyncObserver,
     ipam::Block,
     policy::{
         compile::{self, CompiledRule, Entries},
@@ -757,13 +758,21 @@ fn ifindex(name: &str) -> Option<u32> {
 }
 
 /// Lists, applies, then follows the watch, until the watch is lost.
-async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(), SyncError> {
+async fn sync_once(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut MapWriter,
+    obs: &SyncObserver,
+) -> Result<(), SyncError> {
     let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
+    obs.seen(revision);
+    let started = Instant::now();
     let mut model = Model::default();
     for e in &entries {
         model.apply(&e.key, Some(&e.value));
     }
     let c = writer.apply(model.desired(me, ifindex))?;
+    obs.applied(true, started.elapsed());
     info!(
         revision,
         entries = entries.len(),
@@ -773,31 +782,35 @@ async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(
         "maps in sync with etcd"
     );
     let mut programmed = revision;
-    report_status(ds, me, programmed).await;
+    obs.programmed(programmed);
+    report_status(ds, me, programmed, obs).await;
     let mut watch = ds.watch(PREFIX, revision + 1).await.map_err(Box::new)?;
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     loop {
         let next = tokio::select! {
             n = watch.next() => n.map_err(Box::new)?,
             _ = refresh.tick() => {
-                report_status(ds, me, programmed).await;
+                report_status(ds, me, programmed, obs).await;
                 continue;
             }
         };
         let Some((events, revision)) = next else {
             break;
         };
+        obs.seen(revision);
         if !events.is_empty() {
             let started = Instant::now();
             for e in &events {
                 model.apply(&e.key, e.value.as_deref());
             }
             let c = writer.apply(model.desired(me, ifindex))?;
+            obs.applied(false, started.elapsed());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
         }
         if revision > programmed {
             programmed = revision;
-            report_status(ds, me, programmed).await;
+            obs.programmed(programmed);
+            report_status(ds, me, programmed, obs).await;
         }
     }
     Ok(())
@@ -807,26 +820,37 @@ async fn sync_once(ds: &Datastore, me: &str, writer: &mut MapWriter) -> Result<(
 pub const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Records that this node's maps reflect etcd up to `revision`. A failure is logged only:
-/// the next write or refresh tries again.
-async fn report_status(ds: &Datastore, me: &str, revision: i64) {
+/// the next write or refresh tries again. (Also how a watch that went silent because etcd
+/// did shows up: the write fails.)
+async fn report_status(ds: &Datastore, me: &str, revision: i64, obs: &SyncObserver) {
     let status = crate::datastore::NodeStatus::new(me, revision);
-    if let Err(e) = ds.put_node_status(&status).await {
-        debug!(error = %e, "status not recorded");
+    match ds.put_node_status(&status).await {
+        Ok(()) => obs.etcd_reachable(),
+        Err(e) => {
+            if e.is_unavailable() {
+                obs.etcd_unreachable();
+            }
+            debug!(error = %e, "status not recorded");
+        }
     }
 }
 
 /// Keeps the maps in step with etcd for node `me`, forever: on any error (etcd down, watch
 /// compacted, a map write refused) it logs, waits, and starts over from a fresh list. The
-/// maps keep their last state meanwhile.
-pub async fn run(ds: Datastore, me: String, mut writer: MapWriter) {
+/// maps keep their last state meanwhile. `obs` hears of its progress (readiness, metrics).
+pub async fn run(ds: Datastore, me: String, mut writer: MapWriter, obs: SyncObserver) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match sync_once(&ds, &me, &mut writer).await {
+        match sync_once(&ds, &me, &mut writer, &obs).await {
             Ok(()) => info!("etcd closed the watch; re-listing"),
             Err(e) => {
+                if matches!(e, SyncError::Datastore(_)) {
+                    obs.etcd_unreachable();
+                }
                 warn!(error = %crate::error_chain(&e), retry_in = ?delay, "datastore sync interrupted")
             }
         }
+        obs.restarting();
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }

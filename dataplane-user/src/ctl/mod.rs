@@ -1,6 +1,7 @@
-//! `dataplane ctl`: apply, get and delete resources in etcd, and show the IPAM state.
+//! `dataplane ctl`: apply, get and delete resources in etcd, show the IPAM state and the nodes' status.
 
 pub mod manifest;
+pub mod node_status;
 
 use std::{
     io::Read as _,
