@@ -1,0 +1,531 @@
+//! Operating the dataplane from outside: the agent's health and Prometheus endpoints scraped
+//! over HTTP inside its node's namespace (readiness across the first sync and an etcd
+//! outage), `ctl node status` against a live cluster, shell completions and `--help`.
+//! Tests named `root_*` need root (namespaces, BPF, a real etcd).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::Ipv4Addr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use dataplane::datastore::{Datastore, EtcdConfig, IpPool, IpPoolSpec, Node, keys, runtime};
+use dataplane::ipam::{AssignRequest, Ipam, IpamConfig};
+use dataplane_tests::{
+    Agent, ChildGuard, Cluster, Etcd, Netns, PinDirGuard, cluster::http_get, dataplane,
+    dataplane_bin, require_root, wait_attached,
+};
+
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
+const HEALTH_PORT: u16 = 9099;
+const METRICS_PORT: u16 = 9091;
+
+/// `GET path` on 127.0.0.1:`port` inside `ns`: (status code, body), or `None` when nothing
+/// answers.
+fn get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &(Ipv4Addr::LOCALHOST, port).into(),
+            Duration::from_secs(1),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
+    })
+}
+
+fn code(ns: &Netns, path: &str) -> Option<u16> {
+    get(ns, HEALTH_PORT, path).map(|(c, _)| c)
+}
+
+/// Polls `path` until it answers `want`, asserting liveness 200 at every step; panics with
+/// the agent's log after `timeout`. Returns how long it took.
+fn wait_for_code(ns: &Netns, path: &str, want: u16, timeout: Duration, agent: &Agent) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = get(ns, HEALTH_PORT, path);
+        if got.as_ref().is_some_and(|(c, _)| *c == want) {
+            return start.elapsed();
+        }
+        assert_eq!(
+            code(ns, "/liveness"),
+            Some(200),
+            "liveness while waiting for {path} {want}:\n{}",
+            agent.log_text()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "{path} still {got:?} after {timeout:?}, want {want}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the Prometheus text format (0.0.4) strictly enough to catch a malformed
+/// exposition: every sample belongs to a family declared by a `# TYPE` line before it, names
+/// and label names are valid, label values are quoted, values are numbers.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut words = rest.splitn(3, ' ');
+            let (kind, name) = (words.next().unwrap(), words.next().unwrap_or(""));
+            assert!(valid_name(name), "bad family name in {line:?}");
+            if kind == "TYPE" {
+                let t = words.next().unwrap_or("");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                    "{line:?}"
+                );
+                types.insert(name.to_owned(), t.to_owned());
+            } else {
+                assert_eq!(kind, "HELP", "{line:?}");
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value of {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("{line:?}"));
+                let mut labels = BTreeMap::new();
+                // Our label values hold no commas or quotes, so a simple split does.
+                for pair in body.split(',').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{line:?}"));
+                    assert!(valid_name(k), "label name in {line:?}");
+                    let v = v
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .unwrap_or_else(|| panic!("unquoted label value in {line:?}"));
+                    labels.insert(k.to_owned(), v.to_owned());
+                }
+                (name, labels)
+            }
+        };
+        assert!(valid_name(name), "{line:?}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "sample {name} before its # TYPE line"
+        );
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// The value of the one sample `name` whose labels include `labels`.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = samples.iter().filter(|s| {
+        s.name == name
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    });
+    let first = found.next()?;
+    assert!(found.next().is_none(), "several {name} {labels:?}");
+    Some(first.value)
+}
+
+fn scrape(ns: &Netns) -> Vec<Sample> {
+    let (c, body) = get(ns, METRICS_PORT, "/metrics").expect("metrics endpoint answers");
+    assert_eq!(c, 200, "{body}");
+    parse_prometheus(&body)
+}
+
+/// Starts etcd again in its namespace on its data dir (after `process.stop`), and waits until
+/// it is healthy.
+fn restart_etcd(etcd: &mut Etcd) {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(etcd.data_dir.path().join("etcd.log"))
+        .unwrap();
+    let client = etcd.endpoint();
+    let peer = format!("http://{}:2380", etcd.ip);
+    let child = etcd
+        .ns
+        .command("etcd")
+        .args(["--name", "etcd0", "--data-dir"])
+        .arg(etcd.data_dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("etcd0={peer}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    etcd.process = ChildGuard::new(child, "etcd (restarted)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcd
+        .ns
+        .run(|| http_get(etcd.ip, 2379, "/health"))
+        .is_ok_and(|b| b.contains("\"health\":\"true\""))
+    {
+        assert!(Instant::now() < deadline, "etcd not healthy after restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn root_health_and_metrics_over_http_follow_the_sync_and_an_etcd_outage() {
+    require_root();
+    let mut cluster = Cluster::new(&[1], true);
+    let mut etcd = cluster.etcd.take().unwrap();
+    let node = &cluster.nodes[0];
+    let pins = PinDirGuard::new();
+    // etcd is away when the agent starts: it attaches, is live, and is not ready until its
+    // first sync.
+    etcd.process.stop(Duration::from_secs(5));
+    let mut agent = Agent::start(node, &pins, Some(&etcd), &["--readiness-grace", "2"]);
+    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    wait_for_code(&node.ns, "/liveness", 200, ATTACH_TIMEOUT, &agent);
+    let (c, body) = get(&node.ns, HEALTH_PORT, "/readiness").unwrap();
+    assert_eq!(
+        (c, body.trim()),
+        (503, "not ready: waiting for the first sync from etcd")
+    );
+    assert_eq!(code(&node.ns, "/nothing-here"), Some(404));
+    let before = scrape(&node.ns);
+    assert_eq!(value(&before, "dataplane_ready", &[]), Some(0.0));
+    assert_eq!(
+        value(&before, "dataplane_sync_revision_programmed", &[]),
+        Some(0.0)
+    );
+
+    restart_etcd(&mut etcd);
+    let took = wait_for_code(&node.ns, "/readiness", 200, Duration::from_secs(20), &agent);
+    eprintln!("ready {took:?} after etcd came up");
+
+    // The metrics: map fill, sync, reconcile durations, and packet counters that count.
+    let m = scrape(&node.ns);
+    assert_eq!(value(&m, "dataplane_ready", &[]), Some(1.0));
+    assert!(value(&m, "dataplane_sync_revision_programmed", &[]).unwrap() > 0.0);
+    assert!(value(&m, "dataplane_sync_lag_revisions", &[]).is_some());
+    assert!(
+        value(
+            &m,
+            "dataplane_reconcile_duration_seconds_count",
+            &[("sync", "full")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        value(&m, "dataplane_map_max_entries", &[("map", "conntrack")]),
+        Some(f64::from(dataplane_common::MAX_CONNTRACK))
+    );
+    // The node registered itself: its own address is a route.
+    assert!(value(&m, "dataplane_map_entries", &[("map", "routes")]).unwrap() >= 1.0);
+    assert_eq!(value(&m, "dataplane_attached_interfaces", &[]), Some(1.0));
+    let eth0_in = [("iface", "eth0"), ("hook", "host-ingress")];
+    let before = value(&m, "dataplane_packets_total", &eth0_in).unwrap();
+    assert!(value(&m, "dataplane_bytes_total", &eth0_in).unwrap() > 0.0);
+    assert!(m.iter().any(|s| s.name == "dataplane_packet_outcomes_total"
+        && s.labels.get("outcome").is_some_and(|o| o == "passed")));
+    assert!(
+        dataplane_tests::cluster::ns_command_ok(
+            &etcd.ns,
+            "ping",
+            &["-c", "3", "-i", "0.2", "-W", "1", &node.ip.to_string()]
+        ),
+        "node answers ping"
+    );
+    let after = value(&scrape(&node.ns), "dataplane_packets_total", &eth0_in).unwrap();
+    assert!(after >= before + 3.0, "{before} → {after}");
+
+    // etcd gone: still ready within the grace, not ready after it, live throughout.
+    let stopping = Instant::now();
+    etcd.process.stop(Duration::from_secs(5));
+    if stopping.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(code(&node.ns, "/readiness"), Some(200), "within the grace");
+    }
+    wait_for_code(&node.ns, "/readiness", 503, Duration::from_secs(15), &agent);
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(1900),
+        "not ready already after {:?} (grace 2 s)",
+        stopping.elapsed()
+    );
+    let (_, body) = get(&node.ns, HEALTH_PORT, "/readiness").unwrap();
+    assert!(body.contains("etcd unreachable"), "{body}");
+    let down = scrape(&node.ns);
+    assert_eq!(value(&down, "dataplane_ready", &[]), Some(0.0));
+    assert!(value(&down, "dataplane_etcd_reconnects_total", &[]).unwrap() >= 1.0);
+
+    // etcd back: ready again.
+    restart_etcd(&mut etcd);
+    let took = wait_for_code(&node.ns, "/readiness", 200, Duration::from_secs(20), &agent);
+    eprintln!("ready again {took:?} after etcd came back");
+    assert_eq!(code(&node.ns, "/liveness"), Some(200));
+    assert!(
+        agent.process.exited().is_none(),
+        "agent died:\n{}",
+        agent.log_text()
+    );
+}
+
+fn etcd_config(cluster: &Cluster) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![cluster.etcd.as_ref().unwrap().endpoint()],
+        ..EtcdConfig::default()
+    }
+}
+
+/// `dataplane ctl node status ARGS…` on node 0, against the cluster's etcd.
+fn node_status(cluster: &Cluster, args: &[&str]) -> String {
+    let etcd = cluster.etcd.as_ref().unwrap().endpoint();
+    let mut all = vec!["ctl", "--etcd-endpoints", &etcd, "node", "status"];
+    all.extend_from_slice(args);
+    let (st, out, err) = dataplane(&cluster.nodes[0].ns, &all);
+    assert!(st.success(), "{all:?}: {err}");
+    out
+}
+
+#[test]
+fn root_ctl_node_status_shows_the_live_node_with_its_revision_in_table_and_json() {
+    require_root();
+    let cluster = Cluster::new(&[1], true);
+    let node = &cluster.nodes[0];
+    let pins = PinDirGuard::new();
+    let mut agent = Agent::start(node, &pins, cluster.etcd.as_ref(), &[]);
+    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    wait_for_code(&node.ns, "/readiness", 200, ATTACH_TIMEOUT, &agent);
+
+    // A block affine to this node (through the real IPAM), and a second node without agent.
+    let cfg = etcd_config(&cluster);
+    let ip = node.ns.run(move || {
+        runtime().unwrap().block_on(async {
+            let ds = Datastore::connect(&cfg).await.unwrap();
+            let pool = IpPool::new("pool", IpPoolSpec::new("10.65.0.0/16".parse().unwrap(), 26));
+            assert!(ds.create(&keys::ip_pool("pool"), &pool).await.unwrap());
+            ds.put_node(&Node::new(
+                "node-2",
+                Some("192.168.1.11/24".parse().unwrap()),
+            ))
+            .await
+            .unwrap();
+            let req = AssignRequest {
+                node: "node-1".to_owned(),
+                handle_id: "h1".to_owned(),
+                attrs: BTreeMap::new(),
+                pools: None,
+            };
+            let cfg = IpamConfig {
+                strict_affinity: false,
+                max_retries: 100,
+            };
+            Ipam::new(&ds, cfg).auto_assign(&req).await.unwrap()
+        })
+    });
+    let block = format!("{}/26", Ipv4Addr::from(u32::from(ip) & !63));
+
+    let dir = pins.path.display().to_string();
+    let args = ["--node", "node-1", "--bpffs-dir", dir.as_str()];
+    // The agent programs the pool and the new node; wait for its report to catch up.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let report = loop {
+        let out = node_status(&cluster, &[&args[..], &["-o", "json"]].concat());
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let routes = v["nodes"][0]["local"]["maps"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["map"] == "routes"))
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or(0);
+        // Own host, node-2's host, the pool.
+        if routes >= 3 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not programmed: {out}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    let etcd_rev = report["etcdRevision"].as_i64().unwrap();
+    assert_eq!(report["thisNode"], "node-1");
+    let n1 = &report["nodes"][0];
+    assert_eq!(n1["name"], "node-1");
+    assert_eq!(n1["thisNode"], true);
+    assert_eq!(n1["address"], "192.168.1.10");
+    assert_eq!(n1["subnet"], "192.168.1.0/24");
+    assert_eq!(n1["blocks"], serde_json::json!([block]));
+    let agent_status = &n1["agent"];
+    assert_eq!(agent_status["live"], true);
+    let rev = agent_status["revision"].as_i64().unwrap();
+    assert!(rev > 0 && rev <= etcd_rev, "{agent_status}");
+    assert_eq!(agent_status["lag"].as_i64().unwrap(), etcd_rev - rev);
+    let local = &n1["local"];
+    assert!(local["error"].is_null(), "{local}");
+    assert_eq!(
+        local["attachedInterfaces"],
+        serde_json::json!([{"ifindex": node.ns.ifindex("eth0"), "name": "eth0", "hooks": ["ingress", "egress"]}])
+    );
+    let maps = local["maps"].as_array().unwrap();
+    let names: Vec<&str> = maps.iter().map(|m| m["map"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "routes",
+            "endpoints",
+            "nodes",
+            "conntrack",
+            "policy_ip",
+            "policy_port",
+            "counters"
+        ]
+    );
+    assert!(maps.iter().all(|m| m["maxEntries"].as_u64().unwrap() > 0));
+    assert_eq!(
+        maps.iter().find(|m| m["map"] == "nodes").unwrap()["entries"],
+        1,
+        "node-2"
+    );
+    let n2 = &report["nodes"][1];
+    assert_eq!(n2["name"], "node-2");
+    assert_eq!(n2["thisNode"], false);
+    assert_eq!(n2["address"], "192.168.1.11");
+    assert!(n2["agent"].is_null() && n2["local"].is_null(), "{n2}");
+    assert_eq!(report["nodes"].as_array().unwrap().len(), 2);
+
+    let table = node_status(&cluster, &args);
+    eprintln!("{table}");
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row:\n{table}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert!(table.starts_with("NODE "), "{table}");
+    let row = line("node-1 *");
+    assert_eq!(
+        row[2..6],
+        ["192.168.1.10", "192.168.1.0/24", block.as_str(), "alive"]
+    );
+    let shown: i64 = row[6].parse().unwrap();
+    assert!(shown >= rev, "{table}");
+    let row = line("node-2");
+    assert_eq!(
+        row[1..],
+        ["192.168.1.11", "192.168.1.0/24", "-", "-", "-", "-", "-"]
+    );
+    assert!(
+        table.contains("attached interfaces:") && table.contains("eth0"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.trim_start().starts_with("routes ")),
+        "{table}"
+    );
+
+    // No pins here: the etcd part still prints, the local part says why it is missing.
+    let table = node_status(
+        &cluster,
+        &["--node", "node-1", "--bpffs-dir", "/nonexistent/dp"],
+    );
+    assert!(
+        table.contains("not readable") && table.contains("node-2"),
+        "{table}"
+    );
+}
+
+/// Runs the binary (no namespace needed) and returns its stdout; panics on failure.
+fn run_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(dataplane_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn completions_for_each_shell_and_help_with_examples_for_every_subcommand() {
+    let bash = run_ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("map-dump") && bash.contains("complete"),
+        "{bash}"
+    );
+    for shell in ["zsh", "fish"] {
+        let script = run_ok(&["completions", shell]);
+        assert!(script.contains("map-dump"), "{shell}: {script}");
+    }
+    for cmd in [
+        &[][..],
+        &["agent"],
+        &["map-dump"],
+        &["ctl"],
+        &["ctl", "apply"],
+        &["ctl", "get"],
+        &["ctl", "delete"],
+        &["ctl", "ipam"],
+        &["ctl", "ipam", "show"],
+        &["ctl", "node"],
+        &["ctl", "node", "status"],
+        &["completions"],
+    ] {
+        let help = run_ok(&[cmd, &["--help"]].concat());
+        assert!(
+            help.contains("Example"),
+            "{cmd:?} --help has no example:\n{help}"
+        );
+        let example = format!("dataplane {}", cmd.join(" "));
+        assert!(
+            help.contains(example.trim()),
+            "{cmd:?}: no example of itself:\n{help}"
+        );
+    }
+}
