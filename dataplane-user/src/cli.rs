@@ -404,3 +404,51 @@ pub struct MapDumpArgs {
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn listen_addresses_or_off() {
+        let a: Listen = "0.0.0.0:9099".parse().unwrap();
+        assert_eq!(a.0, Some(([0, 0, 0, 0], 9099).into()));
+        assert_eq!("off".parse::<Listen>(), Ok(Listen(None)));
+        assert_eq!("".parse::<Listen>(), Ok(Listen(None)));
+        assert!("9099".parse::<Listen>().unwrap_err().contains("or off"));
+    }
+
+    #[test]
+    fn agent_defaults_serve_health_and_metrics_on_the_daemonset_ports() {
+        let cli = Cli::try_parse_from(["dataplane", "agent", "--node", "n"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not the agent")
+        };
+        assert_eq!(a.health_listen.0, Some(([0, 0, 0, 0], 9099).into()));
+        assert_eq!(a.metrics_listen.0, Some(([0, 0, 0, 0], 9091).into()));
+        assert_eq!(a.readiness_grace, 30);
+        let cli = Cli::try_parse_from([
+            "dataplane",
+            "agent",
+            "--node",
+            "n",
+            "--health-listen",
+            "",
+            "--metrics-listen",
+            "off",
+            "--readiness-grace",
+            "2",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not the agent")
+        };
+        assert_eq!(
+            (a.health_listen.0, a.metrics_listen.0, a.readiness_grace),
+            (None, None, 2)
+        );
+        Cli::command().debug_assert();
+    }
+}

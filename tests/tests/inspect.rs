@@ -331,9 +331,32 @@ fn root_ctl_node_status_shows_the_live_node_with_its_revision_in_table_and_json(
     let cluster = Cluster::new(&[1], true);
     let node = &cluster.nodes[0];
     let pins = PinDirGuard::new();
-    let mut agent = Agent::start(node, &pins, cluster.etcd.as_ref(), &[]);
+    let mut agent = Agent::start(
+        node,
+        &pins,
+        cluster.etcd.as_ref(),
+        &["--log-format", "json", "--metrics-listen", "0.0.0.0:9099"],
+    );
     wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
     wait_for_code(&node.ns, "/readiness", 200, ATTACH_TIMEOUT, &agent);
+    // Metrics share the health port when given the same address; 9091 serves nothing.
+    assert_eq!(
+        get(&node.ns, HEALTH_PORT, "/metrics").map(|(c, _)| c),
+        Some(200)
+    );
+    assert_eq!(get(&node.ns, METRICS_PORT, "/metrics"), None);
+    // Its logs: one JSON object per line.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "agent ready"),
+        "{log}"
+    );
 
     // A block affine to this node (through the real IPAM), and a second node without agent.
     let cfg = etcd_config(&cluster);
