@@ -278,6 +278,27 @@ fn root_health_and_metrics_over_http_follow_the_sync_and_an_etcd_outage() {
     let after = value(&scrape(&node.ns), "dataplane_packets_total", &eth0_in).unwrap();
     assert!(after >= before + 3.0, "{before} → {after}");
 
+    // A pod wired by hand has no endpoint in etcd: its packets are dropped, and the drop
+    // shows under its interface with the reason.
+    let pod = node.add_pod(Ipv4Addr::new(10, 65, 0, 2));
+    wait_attached(&node.ns, &pod.host_iface, &mut agent, ATTACH_TIMEOUT);
+    assert!(
+        !dataplane_tests::cluster::ns_command_ok(
+            &pod.ns,
+            "ping",
+            &["-c", "2", "-i", "0.2", "-W", "1", &node.ip.to_string()]
+        ),
+        "an unprogrammed pod's ping must be dropped"
+    );
+    let m = scrape(&node.ns);
+    let dropped = [
+        ("iface", pod.host_iface.as_str()),
+        ("hook", "from-workload"),
+        ("reason", "no_endpoint"),
+    ];
+    assert!(value(&m, "dataplane_drops_total", &dropped).unwrap_or(0.0) >= 2.0);
+    assert_eq!(value(&m, "dataplane_attached_interfaces", &[]), Some(2.0));
+
     // etcd gone: still ready within the grace, not ready after it, live throughout.
     let stopping = Instant::now();
     etcd.process.stop(Duration::from_secs(5));
