@@ -839,9 +839,16 @@ async fn report_status(ds: &Datastore, me: &str, revision: i64, obs: &SyncObserv
 /// compacted, a map write refused) it logs, waits, and starts over from a fresh list. The
 /// maps keep their last state meanwhile. `obs` hears of its progress (readiness, metrics).
 pub async fn run(ds: Datastore, me: String, mut writer: MapWriter, obs: SyncObserver) {
-    let mut delay = Duration::from_millis(100);
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    let mut delay = FIRST_RETRY;
     loop {
-        match sync_once(&ds, &me, &mut writer, &obs).await {
+        let started = Instant::now();
+        let result = sync_once(&ds, &me, &mut writer, &obs).await;
+        // A sync that ran for a while was healthy: the next failure starts the back-off over.
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = FIRST_RETRY;
+        }
+        match result {
             Ok(()) => info!("etcd closed the watch; re-listing"),
             Err(e) => {
                 if matches!(e, SyncError::Datastore(_)) {
