@@ -5,6 +5,7 @@
 mod attach;
 mod cni;
 mod datapath;
+mod policy;
 mod sync;
 
 use clap::{Parser, ValueEnum};
@@ -15,6 +16,7 @@ enum Bench {
     Cni,
     Sync,
     Datapath,
+    Policy,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -67,6 +69,9 @@ fn main() -> anyhow::Result<()> {
     if wants(Bench::Datapath) {
         let rounds = if args.quick { 1 } else { 7 };
         write_report("datapath", &datapath::run(rounds)?)?;
+    }
+    if wants(Bench::Policy) {
+        write_report("policy", &policy::run(args.quick)?)?;
     }
     Ok(())
 }
