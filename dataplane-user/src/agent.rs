@@ -1,5 +1,7 @@
 //! The per-node agent: owns the pin directory, loads the programs, and keeps them attached to
-//! the host NIC and to every `cali*` interface as interfaces come and go.
+//! the host NIC and to every `cali*` interface as interfaces come and go. With
+//! `--dataplane iptables` it loads nothing and the same datastore sync programs routes,
+//! iptables and ipsets instead ([`crate::iptables`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -38,6 +40,10 @@ pub enum AgentError {
     Sync(#[from] Box<crate::sync::SyncError>),
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+    #[error(transparent)]
+    Iptables(#[from] crate::iptables::IptablesError),
+    #[error("the iptables dataplane needs --etcd-endpoints: it has nothing to program without")]
+    IptablesWithoutEtcd,
     #[error("listen for {what} on {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -55,6 +61,10 @@ pub struct AgentOptions {
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
     pub host_iface: String,
+    /// BPF programs, or routes + iptables.
+    pub dataplane: crate::cli::DataplaneMode,
+    /// Which iptables the iptables mode writes through.
+    pub iptables_backend: crate::iptables::Backend,
     pub bpffs_dir: PathBuf,
     /// Conntrack timeouts, written to the config map.
     pub ct_timeouts: dataplane_common::CtTimeouts,
@@ -228,9 +238,96 @@ async fn serve_endpoints(
         .collect())
 }
 
-/// Runs the agent until `shutdown` completes. On shutdown the programs stay attached (their
-/// links are pinned), so the dataplane keeps forwarding while the agent restarts.
+fn etcd_config(opts: &AgentOptions) -> crate::datastore::EtcdConfig {
+    crate::datastore::EtcdConfig {
+        endpoints: opts.etcd_endpoints.clone(),
+        ca_file: opts.etcd_ca.clone(),
+        cert_file: opts.etcd_cert.clone(),
+        key_file: opts.etcd_key.clone(),
+        ..crate::datastore::EtcdConfig::default()
+    }
+}
+
+/// Runs the agent until `shutdown` completes, in the dataplane mode `opts` names.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    match opts.dataplane {
+        crate::cli::DataplaneMode::Bpf => run_bpf(opts, shutdown).await,
+        crate::cli::DataplaneMode::Iptables => run_iptables(opts, shutdown).await,
+    }
+}
+
+/// The iptables mode: no programs; the datastore sync writes routes, iptables and ipsets in
+/// this namespace ([`crate::iptables`]). They stay in force after shutdown, as the BPF mode's
+/// programs do.
+async fn run_iptables(
+    opts: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let host_ifindex = ifindex_of(&opts.host_iface)
+        .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
+    if opts.etcd_endpoints.is_empty() {
+        return Err(AgentError::IptablesWithoutEtcd);
+    }
+    let backend = opts.iptables_backend;
+    crate::iptables::check_tools(backend).await?;
+    let ds = crate::datastore::Datastore::connect(&etcd_config(&opts))
+        .await
+        .map_err(Box::new)?;
+    let health = Arc::new(Health::new(true, opts.readiness_grace));
+    let metrics = Arc::new(Metrics::new(&opts.bpffs_dir, health.clone()));
+    let servers = serve_endpoints(&opts, &health, &metrics).await?;
+    let host_addr = netlink::ipv4_of(host_ifindex).await?;
+    // Nothing to attach: readiness waits for the first sync only.
+    health.set_attached();
+    info!(
+        node = %opts.node,
+        host_iface = %opts.host_iface,
+        dataplane = "iptables",
+        backend = backend.name(),
+        restore = backend.restore(),
+        "agent ready: iptables dataplane through {} ({})",
+        backend.restore(),
+        match backend {
+            crate::iptables::Backend::Nft =>
+                "the default: Debian bookworm's iptables, and what Calico detects on such hosts",
+            crate::iptables::Backend::Legacy => "chosen with --iptables-backend legacy",
+        }
+    );
+    let writer = crate::iptables::Writer::new(backend, host_ifindex, host_addr.map(|a| a.addr()));
+    let node = opts.node.clone();
+    let observer = SyncObserver {
+        health: health.clone(),
+        metrics: metrics.clone(),
+    };
+    let sync_task = tokio::spawn(async move {
+        register_node(&ds, &node, host_addr).await;
+        crate::sync::run(ds, node, writer, observer).await;
+    });
+    let mut heartbeat = tokio::time::interval(crate::health::HEARTBEAT_EVERY);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                info!("shutting down; routes and rules stay in force");
+                sync_task.abort();
+                for task in servers {
+                    task.abort();
+                }
+                return Ok(());
+            }
+            _ = heartbeat.tick() => {
+                // A sync task that ended (it only ends by panicking) is a dead agent.
+                if !sync_task.is_finished() {
+                    health.beat();
+                }
+            }
+        }
+    }
+}
+
+/// The BPF mode. On shutdown the programs stay attached (their links are pinned), so the
+/// dataplane keeps forwarding while the agent restarts.
+async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Check what can be checked before touching anything, so a bad flag leaves no trace.
     let host_ifindex = ifindex_of(&opts.host_iface)
         .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
@@ -240,14 +337,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let sync_parts = if opts.etcd_endpoints.is_empty() {
         None
     } else {
-        let cfg = crate::datastore::EtcdConfig {
-            endpoints: opts.etcd_endpoints.clone(),
-            ca_file: opts.etcd_ca.clone(),
-            cert_file: opts.etcd_cert.clone(),
-            key_file: opts.etcd_key.clone(),
-            ..crate::datastore::EtcdConfig::default()
-        };
-        let ds = crate::datastore::Datastore::connect(&cfg)
+        let ds = crate::datastore::Datastore::connect(&etcd_config(&opts))
             .await
             .map_err(Box::new)?;
         let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;

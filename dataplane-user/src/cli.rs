@@ -278,6 +278,9 @@ pub enum NodeCommand {
 pub enum DataplaneMode {
     /// TC eBPF programs (the default).
     Bpf,
+    /// Kernel routes, iptables chains and ipsets, the classic Calico way (the baseline the
+    /// BPF mode is compared with). No IP-in-IP: this kernel has no `ipip` module.
+    Iptables,
 }
 
 #[derive(Debug, clap::Args)]
@@ -303,6 +306,10 @@ pub struct AgentArgs {
     /// How pod traffic is handled.
     #[arg(long, value_enum, default_value_t = DataplaneMode::Bpf)]
     pub dataplane: DataplaneMode,
+    /// With --dataplane iptables: which iptables writes the rules (nft: Debian bookworm's
+    /// default `iptables`, and what Calico picks on such hosts).
+    #[arg(long, value_enum, default_value_t = crate::iptables::Backend::Nft)]
+    pub iptables_backend: crate::iptables::Backend,
     /// Where this agent pins its maps and links (one directory per agent; it is locked).
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,

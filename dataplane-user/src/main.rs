@@ -69,6 +69,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 etcd_cert: args.etcd_cert,
                 etcd_key: args.etcd_key,
                 host_iface: args.host_iface,
+                dataplane: args.dataplane,
+                iptables_backend: args.iptables_backend,
                 bpffs_dir: args.bpffs_dir,
                 health_listen: args.health_listen.0,
                 metrics_listen: args.metrics_listen.0,

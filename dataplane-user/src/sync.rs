@@ -78,6 +78,35 @@ pub struct Desired {
     pub rules: BTreeMap<u32, EndpointRules>,
 }
 
+/// A local pod as the iptables dataplane sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalEndpoint {
+    /// Its host veth (`cali…`).
+    pub iface: String,
+    pub ip: Ipv4Addr,
+    pub rules: EndpointRules,
+}
+
+/// Pod addresses on another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRoute {
+    pub dst: Ipv4Net,
+    /// The node's address.
+    pub via: Ipv4Addr,
+    /// The node is on this node's subnet (a direct next hop); else the fabric routes.
+    pub same_subnet: bool,
+}
+
+/// What the iptables dataplane programs (see [`Model::kernel_view`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KernelView {
+    /// Local endpoints in host veth order.
+    pub endpoints: Vec<LocalEndpoint>,
+    pub remote: Vec<RemoteRoute>,
+    /// Every pool: name, CIDR and IP-in-IP mode.
+    pub pools: Vec<(String, Ipv4Net, IpipMode)>,
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
     match serde_json::from_slice(value) {
         Ok(v) => Some(v),
@@ -459,6 +488,60 @@ impl Model {
         d
     }
 
+    /// What the iptables dataplane programs for node `me`: the same derivation as
+    /// [`Model::desired`] (so both modes route and decide alike), keyed by host veth name
+    /// instead of ifindex: a pod's chains can be written before its veth exists.
+    pub fn kernel_view(&self, me: &str) -> KernelView {
+        let mut ifaces: Vec<&str> = self
+            .weps
+            .values()
+            .filter(|w| w.spec.node == me)
+            .map(|w| w.spec.interface_name.as_str())
+            .collect();
+        ifaces.sort_unstable();
+        ifaces.dedup();
+        // Stand-in ifindexes: positions in `ifaces`, from 1.
+        let d = self.desired(me, |name| {
+            ifaces
+                .binary_search(&name)
+                .ok()
+                .and_then(|i| u32::try_from(i + 1).ok())
+        });
+        let endpoints = d
+            .endpoints
+            .iter()
+            .filter_map(|(&id, v)| {
+                let iface = (*ifaces.get(usize::try_from(id).ok()? - 1)?).to_owned();
+                Some(LocalEndpoint {
+                    iface,
+                    ip: Ipv4Addr::from(v.ip),
+                    rules: d.rules.get(&id).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        let remote = d
+            .routes
+            .iter()
+            .filter(|(_, v)| v.kind == route_kind::REMOTE_BLOCK)
+            .filter_map(|(&(plen, addr), v)| {
+                Some(RemoteRoute {
+                    dst: Ipv4Net::new(Ipv4Addr::from(addr), u8::try_from(plen).ok()?).ok()?,
+                    via: Ipv4Addr::from(v.next_hop),
+                    same_subnet: v.flags & route_flags::SAME_SUBNET != 0,
+                })
+            })
+            .collect();
+        KernelView {
+            endpoints,
+            remote,
+            pools: self
+                .pools
+                .iter()
+                .map(|(name, p)| (name.clone(), p.cidr, p.ipip_mode))
+                .collect(),
+        }
+    }
+
     /// Each local endpoint's rules, shared between endpoints whose rules are the same.
     fn desired_rules(&self, d: &mut Desired, local: &[(u32, Ipv4Addr)]) {
         if local.is_empty() {
@@ -502,6 +585,8 @@ pub enum SyncError {
     Datastore(#[from] Box<DatastoreError>),
     #[error("compile policy: {0}")]
     Compile(String),
+    #[error(transparent)]
+    Iptables(#[from] Box<crate::iptables::IptablesError>),
 }
 
 /// A compiled policy in the maps.
@@ -757,11 +842,37 @@ fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
 
+/// Where the sync programs what the datastore says: the BPF maps ([`MapWriter`]) or the
+/// kernel's routes, iptables and ipsets ([`crate::iptables::Writer`]).
+pub trait Dataplane: Send {
+    /// What it programs, for the logs.
+    const WHAT: &'static str;
+
+    /// Makes node `me`'s dataplane hold what `model` says, touching only what differs.
+    fn program(
+        &mut self,
+        model: &Model,
+        me: &str,
+    ) -> impl std::future::Future<Output = Result<Changes, SyncError>> + Send;
+}
+
+impl Dataplane for MapWriter {
+    const WHAT: &'static str = "maps";
+
+    fn program(
+        &mut self,
+        model: &Model,
+        me: &str,
+    ) -> impl std::future::Future<Output = Result<Changes, SyncError>> + Send {
+        std::future::ready(self.apply(model.desired(me, ifindex)))
+    }
+}
+
 /// Lists, applies, then follows the watch, until the watch is lost.
-async fn sync_once(
+async fn sync_once<D: Dataplane>(
     ds: &Datastore,
     me: &str,
-    writer: &mut MapWriter,
+    writer: &mut D,
     obs: &SyncObserver,
 ) -> Result<(), SyncError> {
     let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
@@ -771,7 +882,7 @@ async fn sync_once(
     for e in &entries {
         model.apply(&e.key, Some(&e.value));
     }
-    let c = writer.apply(model.desired(me, ifindex))?;
+    let c = writer.program(&model, me).await?;
     obs.applied(true, started.elapsed());
     info!(
         revision,
@@ -779,7 +890,8 @@ async fn sync_once(
         written = c.written,
         removed = c.removed,
         compiled = c.compiled,
-        "maps in sync with etcd"
+        "{} in sync with etcd",
+        D::WHAT
     );
     let mut programmed = revision;
     obs.programmed(programmed);
@@ -803,7 +915,7 @@ async fn sync_once(
             for e in &events {
                 model.apply(&e.key, e.value.as_deref());
             }
-            let c = writer.apply(model.desired(me, ifindex))?;
+            let c = writer.program(&model, me).await?;
             obs.applied(false, started.elapsed());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
         }
@@ -838,7 +950,7 @@ async fn report_status(ds: &Datastore, me: &str, revision: i64, obs: &SyncObserv
 /// Keeps the maps in step with etcd for node `me`, forever: on any error (etcd down, watch
 /// compacted, a map write refused) it logs, waits, and starts over from a fresh list. The
 /// maps keep their last state meanwhile. `obs` hears of its progress (readiness, metrics).
-pub async fn run(ds: Datastore, me: String, mut writer: MapWriter, obs: SyncObserver) {
+pub async fn run<D: Dataplane>(ds: Datastore, me: String, mut writer: D, obs: SyncObserver) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut delay = FIRST_RETRY;
     loop {
@@ -950,6 +1062,39 @@ mod tests {
             );
             assert_eq!(d.nodes.len(), 2);
         }
+    }
+
+    #[test]
+    fn kernel_view_keys_endpoints_by_veth_and_tells_same_subnet_routes() {
+        let v = model("Never").kernel_view("node-1");
+        assert_eq!(v.endpoints.len(), 1);
+        assert_eq!(
+            (v.endpoints[0].iface.as_str(), v.endpoints[0].ip),
+            ("caliaaa", Ipv4Addr::new(10, 65, 0, 2))
+        );
+        assert_eq!(v.endpoints[0].rules, [None, None]);
+        let r = |dst: &str, via: [u8; 4], same_subnet| RemoteRoute {
+            dst: dst.parse().unwrap(),
+            via: via.into(),
+            same_subnet,
+        };
+        assert_eq!(
+            v.remote,
+            vec![
+                r("10.65.0.64/26", [192, 168, 1, 11], true),
+                r("10.65.0.128/26", [192, 168, 2, 10], false),
+            ]
+        );
+        assert_eq!(
+            v.pools,
+            vec![(
+                "p".to_owned(),
+                "10.65.0.0/16".parse().unwrap(),
+                IpipMode::Never
+            )]
+        );
+        // No ifindex needed: the veth need not exist on this machine.
+        assert!(model("Never").kernel_view("node-2").endpoints.is_empty());
     }
 
     #[test]

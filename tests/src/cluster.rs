@@ -697,3 +697,142 @@ pub fn ns_command_ok(ns: &Netns, program: &str, args: &[&str]) -> bool {
         .status();
     status.is_ok_and(|s| s.success())
 }
+
+/// The `agent` arguments that select dataplane `dataplane` (`bpf` or `iptables`).
+pub fn dataplane_args(dataplane: &str) -> Vec<&str> {
+    vec!["--dataplane", dataplane]
+}
+
+/// Waits until the agent answers `GET /readiness` on its default health port (9099) with
+/// `ready`: started and its first full sync programmed. Panics after `timeout` with its log.
+pub fn wait_ready(node: &Node, agent: &mut Agent, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body = node
+            .ns
+            .run(|| http_get(Ipv4Addr::LOCALHOST, 9099, "/readiness"));
+        if body.as_deref().is_ok_and(|b| b.trim() == "ready") {
+            return;
+        }
+        if let Some(status) = agent.process.exited() {
+            panic!(
+                "agent on {} exited ({status}) before it was ready:\n{}",
+                node.name,
+                agent.log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent on {} not ready after {timeout:?} ({body:?}):\n{}",
+            node.name,
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One IPv4 route as `ip -j route` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct KernelRoute {
+    /// `10.65.0.64/26`, or the bare address of a /32.
+    pub dst: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dev: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// `ip -j route show ARGS…` in `ns`.
+pub fn kernel_routes(ns: &Netns, args: &[&str]) -> Vec<KernelRoute> {
+    let mut all = vec!["-j", "route", "show"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ns.ip(&all)).unwrap_or_else(|e| panic!("ip -j route show: {e}"))
+}
+
+/// The routes an iptables-mode agent adds (route protocol 80), as (destination, gateway).
+pub fn agent_routes(ns: &Netns) -> std::collections::BTreeSet<(String, String)> {
+    kernel_routes(ns, &["proto", "80"])
+        .into_iter()
+        .map(|r| (r.dst, r.gateway.unwrap_or_default()))
+        .collect()
+}
+
+/// Waits until every node's kernel routes are what an iptables-mode agent and the CNI plugin
+/// make for `pods` ((node index, address)): a /32 via a `cali*` veth per local pod, and
+/// (with `native`: ipipMode Never) each /26 block of pods on another node of the same subnet
+/// via that node, and nothing else of the agent's.
+pub fn wait_iptables_routes(
+    cluster: &Cluster,
+    agents: &[Agent],
+    pods: &[(usize, Ipv4Addr)],
+    native: bool,
+) {
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let want: std::collections::BTreeSet<(String, String)> = pods
+            .iter()
+            .filter(|(n, _)| native && *n != i && cluster.nodes[*n].subnet == node.subnet)
+            .map(|(n, ip)| {
+                let block = Ipv4Addr::from(u32::from(*ip) & !63);
+                (format!("{block}/26"), cluster.nodes[*n].ip.to_string())
+            })
+            .collect();
+        let local = pods.iter().filter(|(n, _)| *n == i).count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let have = agent_routes(&node.ns);
+            let veths = kernel_routes(&node.ns, &[])
+                .iter()
+                .filter(|r| r.dev.as_deref().is_some_and(|d| d.starts_with("cali")))
+                .count();
+            if have == want && veths == local {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: routes not synced: agent's {have:?}, want {want:?}; {veths} of {local} pod routes\n{}",
+                node.name,
+                agents[i].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The rules of ours in the filter table of `ns` (`iptables-save` through `backend`, `nft` or
+/// `legacy`), without counters and comments: chain declarations and rules naming `cali-`.
+pub fn cali_rules(ns: &Netns, backend: &str) -> Vec<String> {
+    let out = crate::netns::run(
+        ns.command(format!("iptables-{backend}-save"))
+            .args(["-t", "filter"]),
+    );
+    out.lines()
+        .filter(|l| l.contains("cali-") && !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect()
+}
+
+/// The ipsets of `ns` whose names start with `cali-`, with their members.
+pub fn cali_sets(ns: &Netns) -> std::collections::BTreeMap<String, Vec<String>> {
+    let out = crate::netns::run(ns.command("ipset").args(["save"]));
+    let mut sets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for l in out.lines() {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        match words.as_slice() {
+            ["create", name, ..] if name.starts_with("cali-") => {
+                sets.entry((*name).to_owned()).or_default();
+            }
+            ["add", name, member, ..] if name.starts_with("cali-") => {
+                sets.entry((*name).to_owned())
+                    .or_default()
+                    .push((*member).to_owned());
+            }
+            _ => {}
+        }
+    }
+    for m in sets.values_mut() {
+        m.sort();
+    }
+    sets
+}

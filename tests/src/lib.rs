@@ -10,8 +10,8 @@ pub mod packets;
 pub mod traffic;
 
 pub use cluster::{
-    Agent, Cluster, Etcd, Fabric, Node, PinDirGuard, Pod, Router, dataplane, dataplane_bin,
-    tcx_programs, wait_attached,
+    Agent, Cluster, Etcd, Fabric, Node, PinDirGuard, Pod, Router, dataplane, dataplane_args,
+    dataplane_bin, tcx_programs, wait_attached, wait_ready,
 };
 pub use netns::{ChildGuard, Netns, unique};
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::{
     Agent, ChildGuard, Cluster, Netns, PinDirGuard,
     cni::{PluginDir, Sandbox, cni, dataplane_conf},
-    dataplane, wait_attached,
+    dataplane, dataplane_args, wait_attached, wait_ready,
 };
 
 /// The echo servers' port.
@@ -192,6 +192,8 @@ pub fn inner_pair(line: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
 /// default pool in `mode`, an agent on every node synced from etcd, and `per_node` pods on
 /// each made through the CNI plugin. Ready for traffic once [`Deployment::start`] returns.
 pub struct Deployment {
+    /// The agents' dataplane: `bpf` or `iptables` (`bare`: no agents).
+    pub dataplane: String,
     // Field order is drop order: pods and agents before the cluster they live in.
     pub pods: Vec<Pod>,
     pub agents: Vec<Agent>,
@@ -202,17 +204,26 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn start(mode: &str, per_node: usize) -> Self {
-        Self::start_with(mode, per_node, true)
+        Self::start_with(mode, per_node, Some("bpf"))
+    }
+
+    /// The same with the agents in `dataplane` mode (`bpf` or `iptables`; the iptables mode
+    /// routes natively only, `mode` Never, and refuses IP-in-IP pools).
+    pub fn start_with_dataplane(dataplane: &str, mode: &str, per_node: usize) -> Self {
+        Self::start_with(mode, per_node, Some(dataplane))
     }
 
     /// The same cluster and pods with no dataplane at all: no agents, no programs, pod
     /// traffic routed by the kernel (routes to other nodes' blocks added to every node and
     /// the router, as a BGP fabric would): the baseline benches compare against.
     pub fn bare(per_node: usize) -> Self {
-        Self::start_with("Never", per_node, false)
+        Self::start_with("Never", per_node, None)
     }
 
-    fn start_with(mode: &str, per_node: usize, with_agents: bool) -> Self {
+    /// `agent_mode`: the agents' dataplane, or `None` for no agents at all.
+    fn start_with(mode: &str, per_node: usize, agent_mode: Option<&str>) -> Self {
+        let with_agents = agent_mode.is_some();
+        let iptables = agent_mode == Some("iptables");
         let cluster = Cluster::new(&[1, 1, 2], true);
         let etcd = cluster.etcd.as_ref().unwrap().endpoint();
         let dir = tempfile::tempdir().unwrap();
@@ -242,10 +253,21 @@ impl Deployment {
             .nodes
             .iter()
             .zip(&pins)
-            .map(|(n, p)| Agent::start(n, p, cluster.etcd.as_ref(), &[]))
+            .map(|(n, p)| {
+                let extra = if iptables {
+                    dataplane_args("iptables")
+                } else {
+                    Vec::new()
+                };
+                Agent::start(n, p, cluster.etcd.as_ref(), &extra)
+            })
             .collect();
         for (n, a) in cluster.nodes.iter().zip(agents.iter_mut()) {
-            wait_attached(&n.ns, "eth0", a, Duration::from_secs(20));
+            if iptables {
+                wait_ready(n, a, Duration::from_secs(20));
+            } else {
+                wait_attached(&n.ns, "eth0", a, Duration::from_secs(20));
+            }
         }
         let plugins = PluginDir::new();
         let mut pods = Vec::new();
@@ -289,7 +311,17 @@ impl Deployment {
             }
         }
         // Every node's routes must know the other nodes' blocks before traffic starts.
-        for (i, node) in cluster.nodes.iter().enumerate().take(n_agents) {
+        if iptables {
+            let placed: Vec<(usize, Ipv4Addr)> = pods.iter().map(|p| (p.node, p.ip)).collect();
+            crate::cluster::wait_iptables_routes(&cluster, &agents, &placed, mode == "Never");
+        }
+        for (i, node) in cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .take(n_agents)
+            .filter(|_| !iptables)
+        {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let dir = pins[i].path.display().to_string();
@@ -315,6 +347,7 @@ impl Deployment {
         }
 
         Self {
+            dataplane: agent_mode.unwrap_or("bare").to_owned(),
             pods,
             agents,
             pins,
