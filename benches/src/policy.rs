@@ -47,7 +47,8 @@ use dataplane::{
     sync::MAX_ENTRIES_PER_POLICY,
 };
 use dataplane_common::{
-    CtKey, EndpointValue, POLICY_NONE, PolicyIpKey, PolicyPortKey, Verdict, map_names, verdict,
+    CtKey, EndpointValue, POLICY_NONE, PolicyIpKey, PolicyPortKey, Verdict, map_names, port_kind,
+    verdict, verdict_flags,
 };
 use dataplane_tests::{dataplane, packets::TestObject, traffic::Deployment};
 use ipnet::Ipv4Net;
@@ -159,7 +160,7 @@ fn ip_key_bits(k: &PolicyIpKey) -> u128 {
 fn port_key_bits(k: &PolicyPortKey) -> u128 {
     let mut b = k.policy.to_ne_bytes().to_vec();
     b.extend_from_slice(&k.class.to_ne_bytes());
-    b.extend_from_slice(&[k.proto, k._pad]);
+    b.extend_from_slice(&[k.proto, k.kind]);
     b.extend_from_slice(&k.port);
     key_bits(&b)
 }
@@ -189,37 +190,56 @@ fn trie_nodes_visited(entries: impl Iterator<Item = (u32, u128)>, key: u128) -> 
     on_path.len() + usize::from(beyond)
 }
 
-/// Nodes visited by the probe's two lookups: (address trie, verdict trie to `dport`).
+/// Trie nodes visited by the probe's lookups: (address, verdict to `dport`). The programs
+/// look in the hashes first; a trie is walked only for a CIDR peer (no single-address entry)
+/// or for a protocol whose port blocks differ (the RANGES flag).
 fn probe_path(e: &Entries, policy: u32, peer: Ipv4Addr, dport: u16) -> (usize, usize) {
+    let t = e.tables();
     let ip_key = PolicyIpKey {
         policy,
         addr: peer.octets(),
     };
-    let ip = trie_nodes_visited(
-        e.ip.keys().map(|(len, k)| (*len, ip_key_bits(k))),
-        ip_key_bits(&ip_key),
-    );
-    let peer = u32::from(peer);
-    let class = e
-        .ip
-        .iter()
-        .filter(|((len, k), _)| {
-            let l = len - 32;
-            k.policy == policy && (l == 0 || (u32::from_be_bytes(k.addr) ^ peer) >> (32 - l) == 0)
-        })
-        .max_by_key(|((len, _), _)| *len)
-        .map_or(0, |(_, c)| *c);
-    let port_key = PolicyPortKey {
+    let (ip, class) = match t.ip_exact.get(&ip_key) {
+        Some(c) => (0, *c),
+        None => {
+            let nodes = trie_nodes_visited(
+                t.ip_lpm.keys().map(|(len, k)| (*len, ip_key_bits(k))),
+                ip_key_bits(&ip_key),
+            );
+            let p = u32::from(peer);
+            let class = t
+                .ip_lpm
+                .iter()
+                .filter(|((len, k), _)| {
+                    let l = len - 32;
+                    k.policy == policy
+                        && (l == 0 || (u32::from_be_bytes(k.addr) ^ p) >> (32 - l) == 0)
+                })
+                .max_by_key(|((len, _), _)| *len)
+                .map_or(0, |(_, c)| *c);
+            (nodes, class)
+        }
+    };
+    let key = |kind, port: u16| PolicyPortKey {
         policy,
         class,
         proto: TCP,
-        _pad: 0,
-        port: dport.to_be_bytes(),
+        kind,
+        port: port.to_be_bytes(),
     };
-    let port = trie_nodes_visited(
-        e.port.keys().map(|(len, k)| (*len, port_key_bits(k))),
-        port_key_bits(&port_key),
-    );
+    let exact = key(port_kind::EXACT, dport);
+    let ranged = !t.port_exact.contains_key(&exact)
+        && t.port_exact
+            .get(&key(port_kind::PROTO, 0))
+            .is_some_and(|v| v.flags & verdict_flags::RANGES != 0);
+    let port = if ranged {
+        trie_nodes_visited(
+            t.port_lpm.keys().map(|(len, k)| (*len, port_key_bits(k))),
+            port_key_bits(&exact),
+        )
+    } else {
+        0
+    };
     (ip, port)
 }
 
@@ -589,51 +609,65 @@ fn memlock(fd: i32) -> anyhow::Result<u64> {
 
 fn map_fd(obj: &TestObject, name: &str) -> anyhow::Result<i32> {
     match obj.ebpf.map(name) {
-        Some(Map::LpmTrie(m)) => Ok(m.fd().as_fd().as_raw_fd()),
-        _ => bail!("no LPM trie {name}"),
+        Some(Map::LpmTrie(m) | Map::HashMap(m)) => Ok(m.fd().as_fd().as_raw_fd()),
+        _ => bail!("no policy map {name}"),
     }
 }
 
-/// Writes `e` into the object's policy tries; how long it took.
+/// The summed `memlock` of the address maps and of the verdict maps.
+fn policy_memlock(obj: &TestObject) -> anyhow::Result<(u64, u64)> {
+    let sum = |names: [&str; 2]| -> anyhow::Result<u64> {
+        names.iter().map(|n| memlock(map_fd(obj, n)?)).sum()
+    };
+    Ok((
+        sum([map_names::POLICY_IP, map_names::POLICY_IP_EXACT])?,
+        sum([map_names::POLICY_PORT, map_names::POLICY_PORT_EXACT])?,
+    ))
+}
+
+/// Writes `e` into the object's policy maps; how long it took.
 fn write_entries(obj: &mut TestObject, e: &Entries) -> anyhow::Result<Duration> {
     let t = Instant::now();
-    let mut ip: LpmTrie<&mut MapData, PolicyIpKey, u32> = LpmTrie::try_from(
-        obj.ebpf
-            .map_mut(map_names::POLICY_IP)
-            .context("policy ip")?,
-    )?;
-    for (&(plen, k), v) in &e.ip {
-        ip.insert(&Key::new(plen, k), *v, 0)?;
-    }
-    let mut port: LpmTrie<&mut MapData, PolicyPortKey, Verdict> = LpmTrie::try_from(
-        obj.ebpf
-            .map_mut(map_names::POLICY_PORT)
-            .context("policy port")?,
-    )?;
-    for (&(plen, k), v) in &e.port {
-        port.insert(&Key::new(plen, k), *v, 0)?;
-    }
+    obj.install_policy(e);
     Ok(t.elapsed())
 }
 
-/// Removes `e` from the object's policy tries; how long it took.
+/// Removes `e` from the object's policy maps; how long it took.
 fn remove_entries(obj: &mut TestObject, e: &Entries) -> anyhow::Result<Duration> {
+    let tables = e.tables();
     let t = Instant::now();
     let mut ip: LpmTrie<&mut MapData, PolicyIpKey, u32> = LpmTrie::try_from(
         obj.ebpf
             .map_mut(map_names::POLICY_IP)
             .context("policy ip")?,
     )?;
-    for &(plen, k) in e.ip.keys() {
+    for &(plen, k) in tables.ip_lpm.keys() {
         ip.remove(&Key::new(plen, k))?;
+    }
+    let mut ip: aya::maps::HashMap<&mut MapData, PolicyIpKey, u32> = aya::maps::HashMap::try_from(
+        obj.ebpf
+            .map_mut(map_names::POLICY_IP_EXACT)
+            .context("policy ip exact")?,
+    )?;
+    for k in tables.ip_exact.keys() {
+        ip.remove(k)?;
     }
     let mut port: LpmTrie<&mut MapData, PolicyPortKey, Verdict> = LpmTrie::try_from(
         obj.ebpf
             .map_mut(map_names::POLICY_PORT)
             .context("policy port")?,
     )?;
-    for &(plen, k) in e.port.keys() {
+    for &(plen, k) in tables.port_lpm.keys() {
         port.remove(&Key::new(plen, k))?;
+    }
+    let mut port: aya::maps::HashMap<&mut MapData, PolicyPortKey, Verdict> =
+        aya::maps::HashMap::try_from(
+            obj.ebpf
+                .map_mut(map_names::POLICY_PORT_EXACT)
+                .context("policy port exact")?,
+        )?;
+    for k in tables.port_exact.keys() {
+        port.remove(k)?;
     }
     Ok(t.elapsed())
 }
@@ -735,14 +769,12 @@ fn compile_bench(quick: bool) -> anyhow::Result<CompileReport> {
         bail!("no round ran");
     };
     let mut obj = TestObject::load();
-    let ip_fd = map_fd(&obj, map_names::POLICY_IP)?;
-    let port_fd = map_fd(&obj, map_names::POLICY_PORT)?;
-    let (ip0, port0) = (memlock(ip_fd)?, memlock(port_fd)?);
+    let (ip0, port0) = policy_memlock(&obj)?;
     let mut write = Duration::ZERO;
     for e in &all {
         write += write_entries(&mut obj, e)?;
     }
-    let (ip1, port1) = (memlock(ip_fd)?, memlock(port_fd)?);
+    let (ip1, port1) = policy_memlock(&obj)?;
     let ip_entries: usize = all.iter().map(|e| e.ip.len()).sum();
     let port_entries: usize = all.iter().map(|e| e.port.len()).sum();
     let entries = ip_entries + port_entries;

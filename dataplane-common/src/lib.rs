@@ -13,7 +13,9 @@ pub mod map_names {
     pub const NODES: &str = "DP_NODES";
     pub const CONFIG: &str = "DP_CONFIG";
     pub const POLICY_IP: &str = "DP_POLICY_IP";
+    pub const POLICY_IP_EXACT: &str = "DP_POLICY_IP_EXACT";
     pub const POLICY_PORT: &str = "DP_POLICY_PORT";
+    pub const POLICY_PORT_EXACT: &str = "DP_POLICY_PORT_EXACT";
     pub const CONNTRACK: &str = "DP_CONNTRACK";
     pub const FRAGMENTS: &str = "DP_FRAGMENTS";
 }
@@ -24,9 +26,10 @@ pub const MAX_ROUTES: u32 = 65536;
 pub const MAX_ENDPOINTS: u32 = 8192;
 /// Most nodes in the cluster.
 pub const MAX_NODES: u32 = 8192;
-/// Most entries of the policy address classifier (all compiled policies together).
+/// Most entries of the policy address classifier (all compiled policies together), in the
+/// trie of CIDRs and in the hash of single addresses each.
 pub const MAX_POLICY_IP: u32 = 1 << 20;
-/// Most entries of the policy verdict trie.
+/// Most policy verdict entries, in the trie of port blocks and in the hash each.
 pub const MAX_POLICY_PORT: u32 = 1 << 21;
 /// Most tracked connections per node.
 pub const MAX_CONNTRACK: u32 = 1 << 18;
@@ -129,28 +132,50 @@ pub struct PolicyIpKey {
 }
 const _: () = assert!(size_of::<PolicyIpKey>() == 8);
 
-/// Key of the policy verdict trie: the verdict for (policy, address class, protocol,
-/// destination port). Entries are prefixes: 64 bits (policy and class: protocols no rule
-/// names), 80 bits (the protocol, any port) and 80 + n bits (a block of ports); the longest
-/// wins. For ICMP the "port" is type << 8 | code; protocols without ports use 0. When a
-/// verdict depends on the source port too, it names a source-port table, looked up with
-/// that table's id as `class` and the source port as `port`.
+/// Key of the policy verdicts: (policy, address class, protocol, destination port). For ICMP
+/// the "port" is type << 8 | code; protocols without ports use 0. When a verdict depends on
+/// the source port too, it names a source-port table, looked up with that table's id as
+/// `class` and the source port as `port`.
+///
+/// Lookups are hash lookups, so that their cost does not grow with the number of entries:
+/// the exact port (`kind` [`port_kind::EXACT`]), else the protocol's answer
+/// ([`port_kind::PROTO`], port 0), else the class's answer for protocols no rule names
+/// ([`port_kind::CLASS`], protocol and port 0). Only when the protocol's entry says that
+/// blocks of ports differ ([`verdict_flags::RANGES`]) is the trie of port prefixes
+/// (`kind` EXACT, prefix bits 80 + n) consulted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyPortKey {
     pub policy: u32,
     pub class: u32,
     pub proto: u8,
-    pub _pad: u8,
+    /// One of [`port_kind`].
+    pub kind: u8,
     /// Network order.
     pub port: [u8; 2],
 }
 const _: () = assert!(size_of::<PolicyPortKey>() == 12);
 
-/// Bits of a [`PolicyPortKey`] up to and including the protocol (and its padding byte).
+/// [`PolicyPortKey::kind`].
+pub mod port_kind {
+    /// One port (or, in the trie, a block of ports).
+    pub const EXACT: u8 = 0;
+    /// Every port of the protocol not listed otherwise.
+    pub const PROTO: u8 = 1;
+    /// Every protocol the class's rules do not name.
+    pub const CLASS: u8 = 2;
+}
+
+/// Bits of a [`PolicyPortKey`] up to and including the protocol (and its kind byte).
 pub const POLICY_PORT_PROTO_BITS: u32 = 80;
 /// Bits of a [`PolicyPortKey`] for policy and class only.
 pub const POLICY_PORT_CLASS_BITS: u32 = 64;
+
+/// Bits of [`Verdict::flags`].
+pub mod verdict_flags {
+    /// (On a protocol's entry) blocks of ports answer differently: look in the trie.
+    pub const RANGES: u8 = 1;
+}
 
 /// [`Verdict::action`].
 pub mod verdict {
@@ -175,7 +200,9 @@ pub mod verdict {
 pub struct Verdict {
     /// One of [`verdict`].
     pub action: u8,
-    pub _pad: [u8; 3],
+    /// [`verdict_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// Index of the deciding rule in the compiled policy (`u32::MAX`: none).
     pub rule: u32,
     /// Non-zero: the verdict depends on the source port; look it up in this table.

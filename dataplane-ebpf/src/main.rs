@@ -45,12 +45,32 @@ static DP_NODES: HashMap<[u8; 4], NodeValue, { MAX_NODES as usize }> = HashMap::
 #[btf_map]
 static DP_CONFIG: Array<NodeConfig, 1> = Array::new();
 
-/// Policy address classifier: (policy, peer address) → address class. Filled by the agent.
+/// Policy address classes of single addresses (pods): (policy, peer address) → class.
+/// Filled by the agent; looked up first.
+#[btf_map]
+static DP_POLICY_IP_EXACT: HashMap<
+    PolicyIpKey,
+    u32,
+    { MAX_POLICY_IP as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Policy address classes of CIDRs (longest prefix wins), for addresses not in the hash.
 #[btf_map]
 static DP_POLICY_IP: LpmTrie<PolicyIpKey, u32, { MAX_POLICY_IP as usize }> = LpmTrie::new();
 
-/// Policy verdicts: (policy, address class, protocol, port) → what the first matching rule
-/// says. Filled by the agent.
+/// Policy verdicts by exact key: a port, a protocol's answer, a class's answer (see
+/// `PolicyPortKey`). Filled by the agent.
+#[btf_map]
+static DP_POLICY_PORT_EXACT: HashMap<
+    PolicyPortKey,
+    Verdict,
+    { MAX_POLICY_PORT as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Policy verdicts of blocks of ports (longest prefix wins), consulted only when the
+/// protocol's entry says blocks differ.
 #[btf_map]
 static DP_POLICY_PORT: LpmTrie<PolicyPortKey, Verdict, { MAX_POLICY_PORT as usize }> =
     LpmTrie::new();

@@ -1,25 +1,49 @@
-//! The policy verdict: two lookups (three when a rule names source ports), whatever the
-//! number of rules or set members. The agent compiles each distinct policy into
-//! - an LPM trie from (policy, peer address) to an address class: all addresses of a class
-//!   are matched by exactly the same rules, and
-//! - an LPM trie from (policy, class, protocol, port) to the action of the first rule that
+//! The policy verdict: a handful of hash lookups (an LPM trie only for CIDR peers and for
+//! blocks of ports), whatever the number of rules or set members. The agent compiles each
+//! distinct policy into
+//! - address classes: all addresses of a class are matched by exactly the same rules; a
+//!   hash from (policy, address) for single addresses, a trie for CIDRs;
+//! - verdicts: from (policy, class, protocol, port) to the action of the first rule that
 //!   matches, with the most common answer stored once per protocol and class.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
-use dataplane_common::{POLICY_NONE, PolicyIpKey, PolicyPortKey, Verdict, verdict};
+use dataplane_common::{
+    POLICY_NONE, PolicyIpKey, PolicyPortKey, Verdict, port_kind, verdict, verdict_flags,
+};
 
-use crate::{DP_POLICY_IP, DP_POLICY_PORT, packet::Flow};
+use crate::{DP_POLICY_IP, DP_POLICY_IP_EXACT, DP_POLICY_PORT, DP_POLICY_PORT_EXACT, packet::Flow};
 
 #[inline(always)]
-fn lookup(policy: u32, class: u32, proto: u8, port: u16) -> Option<Verdict> {
-    let key = PolicyPortKey {
+fn key(policy: u32, class: u32, proto: u8, kind: u8, port: u16) -> PolicyPortKey {
+    PolicyPortKey {
         policy,
         class,
         proto,
-        _pad: 0,
+        kind,
         port: port.to_be_bytes(),
-    };
-    DP_POLICY_PORT.get(&Key::new(96, key)).copied()
+    }
+}
+
+/// The verdict of (class, protocol, port) in `policy`.
+#[inline(always)]
+fn lookup(policy: u32, class: u32, proto: u8, port: u16) -> Option<Verdict> {
+    // SAFETY (all three gets): values are copied out at once; the maps are only written by
+    // userspace.
+    let exact = key(policy, class, proto, port_kind::EXACT, port);
+    if let Some(v) = unsafe { DP_POLICY_PORT_EXACT.get(exact) } {
+        return Some(*v);
+    }
+    if let Some(d) =
+        unsafe { DP_POLICY_PORT_EXACT.get(key(policy, class, proto, port_kind::PROTO, 0)) }
+    {
+        if d.flags & verdict_flags::RANGES != 0
+            && let Some(v) = DP_POLICY_PORT.get(&Key::new(96, exact))
+        {
+            return Some(*v);
+        }
+        return Some(*d);
+    }
+    unsafe { DP_POLICY_PORT_EXACT.get(key(policy, class, 0, port_kind::CLASS, 0)) }.copied()
 }
 
 /// Whether `policy` allows `flow` with `peer` at the other end.
@@ -28,11 +52,14 @@ pub fn allows(policy: u32, flow: &Flow, peer: [u8; 4]) -> bool {
     if policy == POLICY_NONE {
         return true;
     }
-    let Some(class) = DP_POLICY_IP
-        .get(&Key::new(64, PolicyIpKey { policy, addr: peer }))
-        .copied()
-    else {
-        return false;
+    let ip = PolicyIpKey { policy, addr: peer };
+    // SAFETY: the value is copied out at once; the map is only written by userspace.
+    let class = match unsafe { DP_POLICY_IP_EXACT.get(ip) } {
+        Some(c) => *c,
+        None => match DP_POLICY_IP.get(&Key::new(64, ip)) {
+            Some(c) => *c,
+            None => return false,
+        },
     };
     let Some(mut v) = lookup(policy, class, flow.proto, flow.policy_dport()) else {
         return false;

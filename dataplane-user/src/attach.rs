@@ -105,14 +105,16 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 11] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
     map_names::NODES,
     map_names::CONFIG,
     map_names::POLICY_IP,
+    map_names::POLICY_IP_EXACT,
     map_names::POLICY_PORT,
+    map_names::POLICY_PORT_EXACT,
     map_names::CONNTRACK,
     map_names::FRAGMENTS,
 ];

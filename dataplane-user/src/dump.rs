@@ -337,7 +337,8 @@ pub struct PolicyRow {
 
 pub fn policy_rows(root: &Path) -> Result<Vec<PolicyRow>, MapsError> {
     use dataplane_common::{POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, verdict};
-    let (ip, port) = maps::read_policy(root)?;
+    let e = maps::read_policy(root)?.entries();
+    let (ip, port) = (e.ip, e.port);
     let mut peers: std::collections::BTreeMap<(u32, u32), Vec<String>> = Default::default();
     for ((plen, k), class) in &ip {
         peers.entry((k.policy, *class)).or_default().push(format!(

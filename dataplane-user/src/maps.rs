@@ -3,13 +3,13 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, PolicyIpKey,
     PolicyPortKey, RouteValue, Verdict, counter, map_names,
 };
 
-use crate::bpffs;
+use crate::{bpffs, policy::compile::Tables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -175,33 +175,115 @@ pub fn sweep_conntrack(root: &Path, timeouts: &CtTimeouts) -> Result<(usize, usi
     Ok((kept, removed))
 }
 
-/// Both policy tries: ((prefix bits, key) → class) and ((prefix bits, key) → verdict).
-#[allow(clippy::type_complexity)]
-pub fn read_policy(
-    root: &Path,
-) -> Result<
-    (
-        BTreeMap<(u32, PolicyIpKey), u32>,
-        BTreeMap<(u32, PolicyPortKey), Verdict>,
-    ),
-    MapsError,
-> {
-    let err = |name| move |source| MapsError::Read { name, source };
-    let ip: LpmTrie<MapData, PolicyIpKey, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_IP)?))
-            .map_err(err(map_names::POLICY_IP))?;
-    let port: LpmTrie<MapData, PolicyPortKey, Verdict> =
-        LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_PORT)?))
-            .map_err(err(map_names::POLICY_PORT))?;
-    let mut a = BTreeMap::new();
-    for e in ip.iter() {
-        let (k, v) = e.map_err(err(map_names::POLICY_IP))?;
-        a.insert((k.prefix_len(), k.data()), v);
+/// The four policy maps pinned under an agent root: address classes (hash of single
+/// addresses, trie of CIDRs) and verdicts (hash of exact keys, trie of port blocks).
+pub struct PolicyMaps {
+    ip_exact: HashMap<MapData, PolicyIpKey, u32>,
+    ip_lpm: LpmTrie<MapData, PolicyIpKey, u32>,
+    port_exact: HashMap<MapData, PolicyPortKey, Verdict>,
+    port_lpm: LpmTrie<MapData, PolicyPortKey, Verdict>,
+}
+
+fn not_found_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
-    let mut b = BTreeMap::new();
-    for e in port.iter() {
-        let (k, v) = e.map_err(err(map_names::POLICY_PORT))?;
-        b.insert((k.prefix_len(), k.data()), v);
+}
+
+impl PolicyMaps {
+    pub fn open(root: &Path) -> Result<Self, MapsError> {
+        let err = |name| move |source| MapsError::Read { name, source };
+        Ok(Self {
+            ip_exact: HashMap::try_from(Map::HashMap(open_pinned(
+                root,
+                map_names::POLICY_IP_EXACT,
+            )?))
+            .map_err(err(map_names::POLICY_IP_EXACT))?,
+            ip_lpm: LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_IP)?))
+                .map_err(err(map_names::POLICY_IP))?,
+            port_exact: HashMap::try_from(Map::HashMap(open_pinned(
+                root,
+                map_names::POLICY_PORT_EXACT,
+            )?))
+            .map_err(err(map_names::POLICY_PORT_EXACT))?,
+            port_lpm: LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_PORT)?))
+                .map_err(err(map_names::POLICY_PORT))?,
+        })
     }
-    Ok((a, b))
+
+    /// Everything the maps hold.
+    pub fn read(&self) -> Result<Tables, MapsError> {
+        let err = |name| move |source| MapsError::Read { name, source };
+        let mut t = Tables::default();
+        for e in self.ip_exact.iter() {
+            let (k, v) = e.map_err(err(map_names::POLICY_IP_EXACT))?;
+            t.ip_exact.insert(k, v);
+        }
+        for e in self.ip_lpm.iter() {
+            let (k, v) = e.map_err(err(map_names::POLICY_IP))?;
+            t.ip_lpm.insert((k.prefix_len(), k.data()), v);
+        }
+        for e in self.port_exact.iter() {
+            let (k, v) = e.map_err(err(map_names::POLICY_PORT_EXACT))?;
+            t.port_exact.insert(k, v);
+        }
+        for e in self.port_lpm.iter() {
+            let (k, v) = e.map_err(err(map_names::POLICY_PORT))?;
+            t.port_lpm.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(t)
+    }
+
+    /// Writes every entry of `t`; the tries and the address hash first, the verdict hash
+    /// last (its entries are what a lookup starts from).
+    pub fn write(&mut self, t: &Tables) -> Result<(), MapsError> {
+        let err = |name| move |source| MapsError::Read { name, source };
+        for (&(plen, k), v) in &t.ip_lpm {
+            self.ip_lpm
+                .insert(&Key::new(plen, k), *v, 0)
+                .map_err(err(map_names::POLICY_IP))?;
+        }
+        for (k, v) in &t.ip_exact {
+            self.ip_exact
+                .insert(k, *v, 0)
+                .map_err(err(map_names::POLICY_IP_EXACT))?;
+        }
+        for (&(plen, k), v) in &t.port_lpm {
+            self.port_lpm
+                .insert(&Key::new(plen, k), *v, 0)
+                .map_err(err(map_names::POLICY_PORT))?;
+        }
+        for (k, v) in &t.port_exact {
+            self.port_exact
+                .insert(k, *v, 0)
+                .map_err(err(map_names::POLICY_PORT_EXACT))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of `t` (entries already gone are fine).
+    pub fn remove(&mut self, t: &Tables) -> Result<(), MapsError> {
+        let err = |name| move |source| MapsError::Read { name, source };
+        for k in t.port_exact.keys() {
+            not_found_ok(self.port_exact.remove(k)).map_err(err(map_names::POLICY_PORT_EXACT))?;
+        }
+        for &(plen, k) in t.port_lpm.keys() {
+            not_found_ok(self.port_lpm.remove(&Key::new(plen, k)))
+                .map_err(err(map_names::POLICY_PORT))?;
+        }
+        for k in t.ip_exact.keys() {
+            not_found_ok(self.ip_exact.remove(k)).map_err(err(map_names::POLICY_IP_EXACT))?;
+        }
+        for &(plen, k) in t.ip_lpm.keys() {
+            not_found_ok(self.ip_lpm.remove(&Key::new(plen, k)))
+                .map_err(err(map_names::POLICY_IP))?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything the policy maps under `root` hold.
+pub fn read_policy(root: &Path) -> Result<Tables, MapsError> {
+    PolicyMaps::open(root)?.read()
 }

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtValue, EndpointValue, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES, NodeValue, PolicyIpKey,
-    PolicyPortKey, RouteValue, Verdict, map_names,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES, NodeValue,
+    PolicyIpKey, PolicyPortKey, RouteValue, Verdict, map_names,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,14 @@ pub const FILLED_MAPS: &[(&str, &str, u32)] = &[
     ("nodes", map_names::NODES, MAX_NODES),
     ("conntrack", map_names::CONNTRACK, MAX_CONNTRACK),
     ("policy_ip", map_names::POLICY_IP, MAX_POLICY_IP),
+    ("policy_ip_exact", map_names::POLICY_IP_EXACT, MAX_POLICY_IP),
     ("policy_port", map_names::POLICY_PORT, MAX_POLICY_PORT),
+    (
+        "policy_port_exact",
+        map_names::POLICY_PORT_EXACT,
+        MAX_POLICY_PORT,
+    ),
+    ("fragments", map_names::FRAGMENTS, MAX_FRAGMENTS),
     ("counters", map_names::COUNTERS, MAX_COUNTER_KEYS),
 ];
 
@@ -74,6 +81,15 @@ fn count_entries(root: &Path, pin: &str) -> Result<u64, MapError> {
         map_names::POLICY_PORT => {
             count(LpmTrie::<_, PolicyPortKey, Verdict>::try_from(Map::LpmTrie(data))?.keys())
         }
+        map_names::POLICY_IP_EXACT => {
+            count(HashMap::<_, PolicyIpKey, u32>::try_from(Map::HashMap(data))?.keys())
+        }
+        map_names::POLICY_PORT_EXACT => {
+            count(HashMap::<_, PolicyPortKey, Verdict>::try_from(Map::HashMap(data))?.keys())
+        }
+        map_names::FRAGMENTS => count(
+            HashMap::<_, dataplane_common::FragKey, u8>::try_from(Map::LruHashMap(data))?.keys(),
+        ),
         map_names::COUNTERS => count(
             PerCpuHashMap::<_, CounterKey, Counters>::try_from(Map::PerCpuHashMap(data))?.keys(),
         ),

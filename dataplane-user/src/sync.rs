@@ -14,8 +14,7 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
-    EndpointValue, NodeValue, POLICY_NONE, PolicyIpKey, PolicyPortKey, RouteValue, Verdict,
-    map_names, route_flags, route_kind,
+    EndpointValue, NodeValue, POLICY_NONE, RouteValue, map_names, route_flags, route_kind,
 };
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
@@ -29,7 +28,7 @@ use crate::{
     health::SyncObserver,
     ipam::Block,
     policy::{
-        compile::{self, CompiledRule, Entries},
+        compile::{self, CompiledRule, Tables},
         resolve::{self, NamedPort, Resolver},
         selector::Labels,
     },
@@ -587,12 +586,14 @@ pub enum SyncError {
     Compile(String),
     #[error(transparent)]
     Iptables(#[from] Box<crate::iptables::IptablesError>),
+    #[error(transparent)]
+    Policy(Box<crate::maps::MapsError>),
 }
 
 /// A compiled policy in the maps.
 struct Programmed {
     id: u32,
-    entries: Entries,
+    entries: Tables,
 }
 
 /// The maps the sync writes, with what was last written to them.
@@ -600,15 +601,14 @@ pub struct MapWriter {
     routes: LpmTrie<MapData, [u8; 4], RouteValue>,
     endpoints: HashMap<MapData, u32, EndpointValue>,
     nodes: HashMap<MapData, [u8; 4], NodeValue>,
-    policy_ip: LpmTrie<MapData, PolicyIpKey, u32>,
-    policy_port: LpmTrie<MapData, PolicyPortKey, Verdict>,
+    policy: crate::maps::PolicyMaps,
     applied: Desired,
     /// Endpoint values as written (with policy ids).
     applied_endpoints: BTreeMap<u32, EndpointValue>,
     /// Compiled policies by their rules.
     programmed: std::collections::HashMap<Arc<Vec<CompiledRule>>, Programmed>,
     /// Policy entries found in the maps at start, not (yet) known to be in use.
-    orphans: Entries,
+    orphans: Tables,
     next_id: u32,
 }
 
@@ -656,12 +656,8 @@ impl MapWriter {
         let nodes: HashMap<MapData, [u8; 4], NodeValue> =
             HashMap::try_from(Map::HashMap(open(root, map_names::NODES)?))
                 .map_err(oerr(map_names::NODES))?;
-        let policy_ip: LpmTrie<MapData, PolicyIpKey, u32> =
-            LpmTrie::try_from(Map::LpmTrie(open(root, map_names::POLICY_IP)?))
-                .map_err(oerr(map_names::POLICY_IP))?;
-        let policy_port: LpmTrie<MapData, PolicyPortKey, Verdict> =
-            LpmTrie::try_from(Map::LpmTrie(open(root, map_names::POLICY_PORT)?))
-                .map_err(oerr(map_names::POLICY_PORT))?;
+        let policy =
+            crate::maps::PolicyMaps::open(root).map_err(|e| SyncError::Policy(Box::new(e)))?;
         let mut applied = Desired::default();
         for (k, v) in routes.iter().flatten() {
             applied.routes.insert((k.prefix_len(), k.data()), v);
@@ -675,22 +671,22 @@ impl MapWriter {
         }
         // Policies compiled by an earlier run are rewritten under new ids (endpoints switch
         // to them one by one), then removed.
-        let mut orphans = Entries::default();
-        let mut next_id = 1;
-        for (k, v) in policy_ip.iter().flatten() {
-            next_id = next_id.max(k.data().policy + 1);
-            orphans.ip.insert((k.prefix_len(), k.data()), v);
-        }
-        for (k, v) in policy_port.iter().flatten() {
-            next_id = next_id.max(k.data().policy + 1);
-            orphans.port.insert((k.prefix_len(), k.data()), v);
-        }
+        let orphans = policy.read().map_err(|e| SyncError::Policy(Box::new(e)))?;
+        let next_id = orphans
+            .ip_exact
+            .keys()
+            .map(|k| k.policy)
+            .chain(orphans.ip_lpm.keys().map(|(_, k)| k.policy))
+            .chain(orphans.port_exact.keys().map(|k| k.policy))
+            .chain(orphans.port_lpm.keys().map(|(_, k)| k.policy))
+            .max()
+            .unwrap_or(0)
+            + 1;
         Ok(Self {
             routes,
             endpoints,
             nodes,
-            policy_ip,
-            policy_port,
+            policy,
             applied,
             applied_endpoints,
             programmed: std::collections::HashMap::new(),
@@ -714,17 +710,11 @@ impl MapWriter {
         let id = self.next_id;
         self.next_id += 1;
         let entries = compile::compile(id, rules, MAX_ENTRIES_PER_POLICY)
-            .map_err(|e| SyncError::Compile(e.to_string()))?;
-        for (&(plen, k), v) in &entries.ip {
-            self.policy_ip
-                .insert(&Key::new(plen, k), *v, 0)
-                .map_err(werr(map_names::POLICY_IP))?;
-        }
-        for (&(plen, k), v) in &entries.port {
-            self.policy_port
-                .insert(&Key::new(plen, k), *v, 0)
-                .map_err(werr(map_names::POLICY_PORT))?;
-        }
+            .map_err(|e| SyncError::Compile(e.to_string()))?
+            .tables();
+        self.policy
+            .write(&entries)
+            .map_err(|e| SyncError::Policy(Box::new(e)))?;
         c.written += entries.len();
         c.compiled += 1;
         self.programmed
@@ -732,15 +722,10 @@ impl MapWriter {
         Ok(id)
     }
 
-    fn remove_entries(&mut self, e: &Entries, c: &mut Changes) -> Result<(), SyncError> {
-        for &(plen, k) in e.ip.keys() {
-            remove_ok(self.policy_ip.remove(&Key::new(plen, k)))
-                .map_err(werr(map_names::POLICY_IP))?;
-        }
-        for &(plen, k) in e.port.keys() {
-            remove_ok(self.policy_port.remove(&Key::new(plen, k)))
-                .map_err(werr(map_names::POLICY_PORT))?;
-        }
+    fn remove_entries(&mut self, e: &Tables, c: &mut Changes) -> Result<(), SyncError> {
+        self.policy
+            .remove(e)
+            .map_err(|e| SyncError::Policy(Box::new(e)))?;
         c.removed += e.len();
         Ok(())
     }

@@ -186,15 +186,26 @@ impl TestObject {
 
     /// Writes a compiled policy's entries.
     pub fn install_policy(&mut self, e: &dataplane::policy::compile::Entries) {
+        let t = e.tables();
         let mut ip: LpmTrie<&mut MapData, PolicyIpKey, u32> =
             LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY_IP).unwrap()).unwrap();
-        for (&(plen, k), v) in &e.ip {
+        for (&(plen, k), v) in &t.ip_lpm {
             ip.insert(&Key::new(plen, k), *v, 0).unwrap();
+        }
+        let mut ip: HashMap<&mut MapData, PolicyIpKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::POLICY_IP_EXACT).unwrap()).unwrap();
+        for (k, v) in &t.ip_exact {
+            ip.insert(k, *v, 0).unwrap();
         }
         let mut port: LpmTrie<&mut MapData, PolicyPortKey, Verdict> =
             LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY_PORT).unwrap()).unwrap();
-        for (&(plen, k), v) in &e.port {
+        for (&(plen, k), v) in &t.port_lpm {
             port.insert(&Key::new(plen, k), *v, 0).unwrap();
+        }
+        let mut port: HashMap<&mut MapData, PolicyPortKey, Verdict> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::POLICY_PORT_EXACT).unwrap()).unwrap();
+        for (k, v) in &t.port_exact {
+            port.insert(k, *v, 0).unwrap();
         }
     }
 

@@ -20,7 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use dataplane_common::{
-    POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, PolicyIpKey, PolicyPortKey, Verdict, verdict,
+    POLICY_PORT_CLASS_BITS, POLICY_PORT_PROTO_BITS, PolicyIpKey, PolicyPortKey, Verdict, port_kind,
+    verdict, verdict_flags,
 };
 use ipnet::Ipv4Net;
 
@@ -157,7 +158,8 @@ pub struct TooBig {
 
 const NO_MATCH: Verdict = Verdict {
     action: verdict::NO_MATCH,
-    _pad: [0; 3],
+    flags: 0,
+    _pad: [0; 2],
     rule: u32::MAX,
     sport_table: 0,
 };
@@ -272,16 +274,19 @@ fn emit(
         .max_by_key(|(v, n)| (*n, std::cmp::Reverse(*v)))
         .map(|(v, _)| v)
         .unwrap_or(NO_MATCH);
-    let key = |port: u32| PolicyPortKey {
+    let key = |kind: u8, port: u32| PolicyPortKey {
         policy,
         class,
         proto,
-        _pad: 0,
+        kind,
         port: (port as u16).to_be_bytes(),
     };
     // The class-wide entry already answers for the protocol when it says the same.
     if inherited != Some(background) {
-        out.insert((POLICY_PORT_PROTO_BITS, key(0)), background);
+        out.insert(
+            (POLICY_PORT_PROTO_BITS, key(port_kind::PROTO, 0)),
+            background,
+        );
     }
     for (i, (start, v)) in pieces.iter().enumerate() {
         if *v == background {
@@ -289,7 +294,7 @@ fn emit(
         }
         let end = pieces.get(i + 1).map_or(65536, |p| p.0);
         for (p, len) in prefixes(*start, end) {
-            out.insert((POLICY_PORT_PROTO_BITS + len, key(p)), *v);
+            out.insert((POLICY_PORT_PROTO_BITS + len, key(port_kind::EXACT, p)), *v);
         }
     }
 }
@@ -389,7 +394,8 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
                 })
                 .map_or(NO_MATCH, |(ri, _)| Verdict {
                     action: rules[*ri].action,
-                    _pad: [0; 3],
+                    flags: 0,
+                    _pad: [0; 2],
                     rule: *ri as u32,
                     sport_table: 0,
                 })
@@ -403,6 +409,7 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
                 PolicyPortKey {
                     policy,
                     class,
+                    kind: port_kind::CLASS,
                     ..PolicyPortKey::default()
                 },
             ),
@@ -468,8 +475,167 @@ pub fn compile(policy: u32, rules: &[CompiledRule], limit: usize) -> Result<Entr
     Ok(e)
 }
 
-/// The verdict the compiled entries give, the way the programs look it up (for tests and
-/// for `map-dump`): longest prefix in each trie.
+/// What the four policy maps hold for one compiled policy: single addresses and exact
+/// verdict keys in hashes, CIDRs and blocks of ports in tries (see `PolicyPortKey`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tables {
+    pub ip_exact: BTreeMap<PolicyIpKey, u32>,
+    /// (prefix bits, key) → class.
+    pub ip_lpm: BTreeMap<(u32, PolicyIpKey), u32>,
+    pub port_exact: BTreeMap<PolicyPortKey, Verdict>,
+    /// (prefix bits, key) → verdict.
+    pub port_lpm: BTreeMap<(u32, PolicyPortKey), Verdict>,
+}
+
+impl Entries {
+    /// The entries as the maps hold them. A protocol with blocks of ports in the trie gets
+    /// [`verdict_flags::RANGES`] on its entry (made from the class's when it had none).
+    pub fn tables(&self) -> Tables {
+        let mut t = Tables::default();
+        for (&(plen, k), &c) in &self.ip {
+            if plen == 64 {
+                t.ip_exact.insert(k, c);
+            } else {
+                t.ip_lpm.insert((plen, k), c);
+            }
+        }
+        let mut ranged = BTreeSet::new();
+        for (&(plen, k), &v) in &self.port {
+            if plen == POLICY_PORT_CLASS_BITS || plen == POLICY_PORT_PROTO_BITS || plen == 96 {
+                t.port_exact.insert(k, v);
+            } else {
+                t.port_lpm.insert((plen, k), v);
+                ranged.insert((k.policy, k.class, k.proto));
+            }
+        }
+        for (policy, class, proto) in ranged {
+            let at = |proto, kind| PolicyPortKey {
+                policy,
+                class,
+                proto,
+                kind,
+                port: [0; 2],
+            };
+            let base = t
+                .port_exact
+                .get(&at(proto, port_kind::PROTO))
+                .or_else(|| t.port_exact.get(&at(0, port_kind::CLASS)))
+                .copied()
+                .unwrap_or(NO_MATCH);
+            t.port_exact.insert(
+                at(proto, port_kind::PROTO),
+                Verdict {
+                    flags: base.flags | verdict_flags::RANGES,
+                    ..base
+                },
+            );
+        }
+        t
+    }
+}
+
+impl Tables {
+    /// Back to the prefix form (for listing): exact keys as full-length prefixes.
+    pub fn entries(&self) -> Entries {
+        let mut e = Entries::default();
+        for (k, c) in &self.ip_exact {
+            e.ip.insert((64, *k), *c);
+        }
+        e.ip.extend(self.ip_lpm.iter().map(|(k, c)| (*k, *c)));
+        for (k, v) in &self.port_exact {
+            let plen = match k.kind {
+                port_kind::CLASS => POLICY_PORT_CLASS_BITS,
+                port_kind::PROTO => POLICY_PORT_PROTO_BITS,
+                _ => 96,
+            };
+            e.port.insert((plen, *k), *v);
+        }
+        e.port.extend(self.port_lpm.iter().map(|(k, v)| (*k, *v)));
+        e
+    }
+
+    pub fn len(&self) -> usize {
+        self.ip_exact.len() + self.ip_lpm.len() + self.port_exact.len() + self.port_lpm.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn verdict(&self, policy: u32, class: u32, proto: u8, port: u16) -> Option<Verdict> {
+        let key = |proto, kind, port: u16| PolicyPortKey {
+            policy,
+            class,
+            proto,
+            kind,
+            port: port.to_be_bytes(),
+        };
+        if let Some(v) = self.port_exact.get(&key(proto, port_kind::EXACT, port)) {
+            return Some(*v);
+        }
+        if let Some(d) = self.port_exact.get(&key(proto, port_kind::PROTO, 0)) {
+            if d.flags & verdict_flags::RANGES != 0 {
+                let hit = self
+                    .port_lpm
+                    .iter()
+                    .filter(|((plen, k), _)| {
+                        let len = plen - POLICY_PORT_PROTO_BITS;
+                        k.policy == policy
+                            && k.class == class
+                            && k.proto == proto
+                            && (len == 0 || (u16::from_be_bytes(k.port) ^ port) >> (16 - len) == 0)
+                    })
+                    .max_by_key(|((plen, _), _)| *plen);
+                if let Some((_, v)) = hit {
+                    return Some(*v);
+                }
+            }
+            return Some(*d);
+        }
+        self.port_exact.get(&key(0, port_kind::CLASS, 0)).copied()
+    }
+
+    /// The verdict the maps give, looked up the way the programs do (for tests and tools).
+    pub fn evaluate(
+        &self,
+        policy: u32,
+        peer: std::net::Ipv4Addr,
+        proto: u8,
+        dport: u16,
+        sport: u16,
+    ) -> Verdict {
+        let ip = u32::from(peer);
+        let exact = self.ip_exact.get(&PolicyIpKey {
+            policy,
+            addr: peer.octets(),
+        });
+        let class = exact.copied().or_else(|| {
+            self.ip_lpm
+                .iter()
+                .filter(|((plen, k), _)| {
+                    let len = plen - 32;
+                    k.policy == policy
+                        && (len == 0 || (u32::from_be_bytes(k.addr) ^ ip) >> (32 - len) == 0)
+                })
+                .max_by_key(|((plen, _), _)| *plen)
+                .map(|(_, c)| *c)
+        });
+        let Some(class) = class else {
+            return NO_MATCH;
+        };
+        let Some(v) = self.verdict(policy, class, proto, dport) else {
+            return NO_MATCH;
+        };
+        if v.sport_table != 0 {
+            return self
+                .verdict(policy, v.sport_table, proto, sport)
+                .unwrap_or(NO_MATCH);
+        }
+        v
+    }
+}
+
+/// The verdict of compiled entries, looked up the way the programs do.
 pub fn evaluate(
     e: &Entries,
     policy: u32,
@@ -478,45 +644,7 @@ pub fn evaluate(
     dport: u16,
     sport: u16,
 ) -> Verdict {
-    let ip = u32::from(peer);
-    let class = e
-        .ip
-        .iter()
-        .filter(|((plen, k), _)| {
-            let len = plen - 32;
-            k.policy == policy && (len == 0 || (u32::from_be_bytes(k.addr) ^ ip) >> (32 - len) == 0)
-        })
-        .max_by_key(|((plen, _), _)| *plen)
-        .map(|(_, c)| *c);
-    let Some(class) = class else {
-        return NO_MATCH;
-    };
-    let look = |class: u32, port: u16| -> Option<Verdict> {
-        e.port
-            .iter()
-            .filter(|((plen, k), _)| {
-                if k.policy != policy || k.class != class {
-                    return false;
-                }
-                if *plen == POLICY_PORT_CLASS_BITS {
-                    return true;
-                }
-                if k.proto != proto {
-                    return false;
-                }
-                let len = plen - POLICY_PORT_PROTO_BITS;
-                len == 0 || (u16::from_be_bytes(k.port) ^ port) >> (16 - len) == 0
-            })
-            .max_by_key(|((plen, _), _)| *plen)
-            .map(|(_, v)| *v)
-    };
-    let Some(v) = look(class, dport) else {
-        return NO_MATCH;
-    };
-    if v.sport_table != 0 {
-        return look(v.sport_table, sport).unwrap_or(NO_MATCH);
-    }
-    v
+    e.tables().evaluate(policy, peer, proto, dport, sport)
 }
 
 #[cfg(test)]
