@@ -41,7 +41,7 @@ use serde_json::json;
 use crate::{
     Agent, Cluster, PinDirGuard,
     cni::{PluginDir, Sandbox, cni, dataplane_conf, result_ip},
-    dataplane, wait_attached,
+    dataplane, dataplane_args, wait_attached, wait_ready,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -831,8 +831,9 @@ pub fn documents(docs: &[String]) -> String {
 }
 
 /// The NetworkPolicy cluster: three nodes (two on subnet 1, one behind the router) with
-/// agents, pool 10.65.0.0/16 in CrossSubnet mode, namespaces x, y, z and pods a, b, c in each
-/// (a on node 0, b on node 1, c on node 2) with servers on TCP/UDP 80 and 81.
+/// agents, pool 10.65.0.0/16 (CrossSubnet for the BPF dataplane, see
+/// [`NetpolCluster::start_with`]), namespaces x, y, z and pods a, b, c in each (a on node 0, b
+/// on node 1, c on node 2) with servers on TCP/UDP 80 and 81.
 pub struct NetpolCluster {
     // Field order is drop order: servers, pods, agents, then the cluster they live in.
     servers: Servers,
@@ -847,18 +848,30 @@ pub struct NetpolCluster {
     pub k8s_objects: Result<(), String>,
     /// How long [`NetpolCluster::start`] took.
     pub started_in: Duration,
+    /// The agents' dataplane (`bpf`, `iptables`) and the pool's ipipMode.
+    pub dataplane: String,
+    pub pool_mode: String,
     dir: tempfile::TempDir,
     pub cluster: Cluster,
 }
 
 impl NetpolCluster {
+    /// The BPF dataplane, pool in CrossSubnet mode.
     pub fn start() -> Self {
+        Self::start_with("bpf", "CrossSubnet")
+    }
+
+    /// Agents in `dataplane` mode (`bpf` or `iptables`), the pool in ipipMode `pool_mode`
+    /// (the iptables mode routes natively only: `Never`, with the router told where each
+    /// node's block is, as a BGP fabric would be).
+    pub fn start_with(dataplane: &str, pool_mode: &str) -> Self {
         let t0 = Instant::now();
+        let iptables = dataplane == "iptables";
         let cluster = Cluster::new(&[1, 1, 2], true);
         let dir = tempfile::tempdir().unwrap();
         let etcd = cluster.etcd.as_ref().unwrap().endpoint();
         let pool = format!(
-            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: {POOL_CIDR}, ipipMode: CrossSubnet, natOutgoing: true}}\n"
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: default-ipv4-ippool}}\nspec: {{cidr: {POOL_CIDR}, ipipMode: {pool_mode}, natOutgoing: true}}\n"
         );
         let (ok, _, err) = ctl_apply(&cluster, &dir, "pool.yaml", &pool, false);
         assert!(ok, "apply the pool: {err}");
@@ -868,10 +881,14 @@ impl NetpolCluster {
             .nodes
             .iter()
             .zip(&pins)
-            .map(|(n, p)| Agent::start(n, p, cluster.etcd.as_ref(), &[]))
+            .map(|(n, p)| Agent::start(n, p, cluster.etcd.as_ref(), &dataplane_args(dataplane)))
             .collect();
         for (n, a) in cluster.nodes.iter().zip(agents.iter_mut()) {
-            wait_attached(&n.ns, "eth0", a, Duration::from_secs(20));
+            if iptables {
+                wait_ready(n, a, Duration::from_secs(20));
+            } else {
+                wait_attached(&n.ns, "eth0", a, Duration::from_secs(20));
+            }
         }
 
         // The API server has the namespaces and pods before any sandbox exists.
@@ -914,16 +931,32 @@ impl NetpolCluster {
                 next_port: AtomicU32::new(0),
             });
         }
-        for p in &pods {
-            let node = &cluster.nodes[p.node];
-            wait_attached(
-                &node.ns,
-                &p.host_iface,
-                &mut agents[p.node],
-                Duration::from_secs(20),
-            );
+        if pool_mode == "Never" {
+            // Native routing across subnets: the router must know each node's block.
+            for p in &pods {
+                let block = Ipv4Addr::from(u32::from(p.ip) & !63);
+                let via = cluster.nodes[p.node].ip.to_string();
+                cluster
+                    .router
+                    .ns
+                    .ip(&["route", "replace", &format!("{block}/26"), "via", &via]);
+            }
         }
-        wait_routes(&cluster, &pins, &agents, 3);
+        if iptables {
+            let placed: Vec<(usize, Ipv4Addr)> = pods.iter().map(|p| (p.node, p.ip)).collect();
+            crate::cluster::wait_iptables_routes(&cluster, &agents, &placed, pool_mode == "Never");
+        } else {
+            for p in &pods {
+                let node = &cluster.nodes[p.node];
+                wait_attached(
+                    &node.ns,
+                    &p.host_iface,
+                    &mut agents[p.node],
+                    Duration::from_secs(20),
+                );
+            }
+            wait_routes(&cluster, &pins, &agents, 3);
+        }
         let servers = Servers::start(&pods);
         Self {
             servers,
@@ -934,6 +967,8 @@ impl NetpolCluster {
             world,
             k8s_objects,
             started_in: t0.elapsed(),
+            dataplane: dataplane.to_owned(),
+            pool_mode: pool_mode.to_owned(),
             dir,
             cluster,
         }

@@ -106,13 +106,27 @@ fn root_netpol_no_policy_all_allowed() {
 /// four matrices and compares them with the model; the session resets between scenarios.
 #[test]
 fn root_netpol_truth_tables() {
+    truth_tables("bpf", "CrossSubnet");
+}
+
+/// The same scenarios against the iptables dataplane (native routing: the iptables mode has
+/// no IP-in-IP on this kernel).
+#[test]
+fn root_netpol_truth_tables_iptables() {
+    truth_tables("iptables", "Never");
+}
+
+fn truth_tables(dataplane: &str, pool_mode: &str) {
     require_root();
     let t0 = Instant::now();
-    let c = NetpolCluster::start();
-    eprintln!("cluster started in {:.1?}", c.started_in);
+    let c = NetpolCluster::start_with(dataplane, pool_mode);
+    eprintln!(
+        "{dataplane} dataplane, pool {pool_mode}: cluster started in {:.1?}",
+        c.started_in
+    );
     let mut s = Session::new(&c);
     scenarios(&mut s);
-    eprintln!("whole test: {:.1?}", t0.elapsed());
+    eprintln!("whole test ({dataplane}): {:.1?}", t0.elapsed());
     s.finish();
 }
 
