@@ -698,9 +698,20 @@ pub fn ns_command_ok(ns: &Netns, program: &str, args: &[&str]) -> bool {
     status.is_ok_and(|s| s.success())
 }
 
-/// The `agent` arguments that select dataplane `dataplane` (`bpf` or `iptables`).
+/// The `agent` arguments that select dataplane `dataplane`: `bpf`, `iptables` (its default
+/// backend, nft), `iptables-nft` or `iptables-legacy`.
 pub fn dataplane_args(dataplane: &str) -> Vec<&str> {
-    vec!["--dataplane", dataplane]
+    match dataplane.split_once('-') {
+        Some(("iptables", backend)) => {
+            vec!["--dataplane", "iptables", "--iptables-backend", backend]
+        }
+        _ => vec!["--dataplane", dataplane],
+    }
+}
+
+/// Whether `dataplane` (as [`dataplane_args`] takes it) is an iptables mode.
+pub fn is_iptables(dataplane: &str) -> bool {
+    dataplane.starts_with("iptables")
 }
 
 /// Waits until the agent answers `GET /readiness` on its default health port (9099) with

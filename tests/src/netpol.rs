@@ -861,12 +861,12 @@ impl NetpolCluster {
         Self::start_with("bpf", "CrossSubnet")
     }
 
-    /// Agents in `dataplane` mode (`bpf` or `iptables`), the pool in ipipMode `pool_mode`
+    /// Agents in `dataplane` mode (`bpf`, `iptables`…: see [`crate::dataplane_args`]), the pool in ipipMode `pool_mode`
     /// (the iptables mode routes natively only: `Never`, with the router told where each
     /// node's block is, as a BGP fabric would be).
     pub fn start_with(dataplane: &str, pool_mode: &str) -> Self {
         let t0 = Instant::now();
-        let iptables = dataplane == "iptables";
+        let iptables = crate::cluster::is_iptables(dataplane);
         let cluster = Cluster::new(&[1, 1, 2], true);
         let dir = tempfile::tempdir().unwrap();
         let etcd = cluster.etcd.as_ref().unwrap().endpoint();

@@ -207,8 +207,9 @@ impl Deployment {
         Self::start_with(mode, per_node, Some("bpf"))
     }
 
-    /// The same with the agents in `dataplane` mode (`bpf` or `iptables`; the iptables mode
-    /// routes natively only, `mode` Never, and refuses IP-in-IP pools).
+    /// The same with the agents in `dataplane` mode (`bpf`, `iptables`, `iptables-nft` or
+    /// `iptables-legacy`, see [`crate::dataplane_args`]; the iptables mode routes natively
+    /// only, `mode` Never, and refuses IP-in-IP pools).
     pub fn start_with_dataplane(dataplane: &str, mode: &str, per_node: usize) -> Self {
         Self::start_with(mode, per_node, Some(dataplane))
     }
@@ -223,7 +224,7 @@ impl Deployment {
     /// `agent_mode`: the agents' dataplane, or `None` for no agents at all.
     fn start_with(mode: &str, per_node: usize, agent_mode: Option<&str>) -> Self {
         let with_agents = agent_mode.is_some();
-        let iptables = agent_mode == Some("iptables");
+        let iptables = agent_mode.is_some_and(crate::cluster::is_iptables);
         let cluster = Cluster::new(&[1, 1, 2], true);
         let etcd = cluster.etcd.as_ref().unwrap().endpoint();
         let dir = tempfile::tempdir().unwrap();
@@ -254,10 +255,9 @@ impl Deployment {
             .iter()
             .zip(&pins)
             .map(|(n, p)| {
-                let extra = if iptables {
-                    dataplane_args("iptables")
-                } else {
-                    Vec::new()
+                let extra = match agent_mode {
+                    Some(m) if iptables => dataplane_args(m),
+                    _ => Vec::new(),
                 };
                 Agent::start(n, p, cluster.etcd.as_ref(), &extra)
             })
