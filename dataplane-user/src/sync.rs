@@ -609,6 +609,8 @@ pub struct MapWriter {
     programmed: std::collections::HashMap<Arc<Vec<CompiledRule>>, Programmed>,
     /// Policy entries found in the maps at start, not (yet) known to be in use.
     orphans: Tables,
+    /// Policies no endpoint uses any more, to remove in [`Dataplane::tidy`].
+    garbage: Vec<Tables>,
     next_id: u32,
 }
 
@@ -691,6 +693,7 @@ impl MapWriter {
             applied_endpoints,
             programmed: std::collections::HashMap::new(),
             orphans,
+            garbage: Vec::new(),
             next_id,
         })
     }
@@ -794,14 +797,15 @@ impl MapWriter {
             .filter(|(_, p)| !in_use.contains(&p.id))
             .map(|(k, _)| k.clone())
             .collect();
+        // Removed by `tidy`, after the new state is reported: off the path to "in force",
+        // and a grace period for packets that read an endpoint's old policy id.
         for k in stale {
             if let Some(p) = self.programmed.remove(&k) {
-                self.remove_entries(&p.entries, &mut c)?;
+                self.garbage.push(p.entries);
             }
         }
         if !self.orphans.is_empty() {
-            let orphans = std::mem::take(&mut self.orphans);
-            self.remove_entries(&orphans, &mut c)?;
+            self.garbage.push(std::mem::take(&mut self.orphans));
         }
         self.applied_endpoints = endpoints;
         for k in self.applied.nodes.keys() {
@@ -839,6 +843,12 @@ pub trait Dataplane: Send {
         model: &Model,
         me: &str,
     ) -> impl std::future::Future<Output = Result<Changes, SyncError>> + Send;
+
+    /// Removes what the last `program` replaced, once its result is reported. Returns how
+    /// many entries went.
+    fn tidy(&mut self) -> Result<usize, SyncError> {
+        Ok(0)
+    }
 }
 
 impl Dataplane for MapWriter {
@@ -850,6 +860,14 @@ impl Dataplane for MapWriter {
         me: &str,
     ) -> impl std::future::Future<Output = Result<Changes, SyncError>> + Send {
         std::future::ready(self.apply(model.desired(me, ifindex)))
+    }
+
+    fn tidy(&mut self) -> Result<usize, SyncError> {
+        let mut c = Changes::default();
+        for t in std::mem::take(&mut self.garbage) {
+            self.remove_entries(&t, &mut c)?;
+        }
+        Ok(c.removed)
     }
 }
 
@@ -881,6 +899,7 @@ async fn sync_once<D: Dataplane>(
     let mut programmed = revision;
     obs.programmed(programmed);
     report_status(ds, me, programmed, obs).await;
+    writer.tidy()?;
     let mut watch = ds.watch(PREFIX, revision + 1).await.map_err(Box::new)?;
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     loop {
@@ -909,6 +928,7 @@ async fn sync_once<D: Dataplane>(
             obs.programmed(programmed);
             report_status(ds, me, programmed, obs).await;
         }
+        writer.tidy()?;
     }
     Ok(())
 }
