@@ -56,6 +56,10 @@ pub enum Command {
     /// the first full sync from etcd is in the maps, and false again while etcd has been
     /// unreachable for more than --readiness-grace seconds.
     ///
+    /// With --dataplane iptables it loads no programs: routes (protocol 80), iptables chains
+    /// (`cali-…`) and ipsets in this namespace carry the same resources, and readiness waits
+    /// for the first full sync only. IP-in-IP pools are refused (no `ipip` kernel module).
+    ///
     /// Examples:
     ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 --host-iface eth0
     ///   dataplane agent --node node-1 --etcd-endpoints https://10.0.0.5:2379 \
@@ -63,6 +67,9 @@ pub enum Command {
     ///   dataplane agent --node node-1 --health-listen 127.0.0.1:9099 --metrics-listen off \
     ///       --log-format json --log-level info,dataplane::sync=debug
     ///   curl -s localhost:9099/readiness; curl -s localhost:9091/metrics
+    ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 \
+    ///       --dataplane iptables --iptables-backend legacy
+    ///   iptables-legacy-save -t filter | grep cali-; ipset list -n; ip route show proto 80
     #[command(verbatim_doc_comment)]
     Agent(AgentArgs),
     /// Print the contents of the pinned maps (works with the agent stopped).
