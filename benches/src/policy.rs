@@ -729,20 +729,39 @@ fn compile_bench(quick: bool) -> anyhow::Result<CompileReport> {
         parse.push(ms(t.elapsed()));
         let t = Instant::now();
         let r = Resolver::new(&endpoints, &namespaces, &policies);
-        let resolved: Vec<Vec<CompiledRule>> = endpoints
+        // As the agent's sync does: endpoints selected by the same policies (none looking at
+        // the endpoint itself) are resolved once; the others one by one.
+        let mut by_key: HashMap<Vec<usize>, std::rc::Rc<Vec<CompiledRule>>> = HashMap::new();
+        let resolved: Vec<std::rc::Rc<Vec<CompiledRule>>> = endpoints
             .iter()
-            .filter_map(|ep| r.rules_for(ep, true))
+            .filter_map(|ep| match r.sharing_key(ep, true) {
+                Some(key) if !key.is_empty() => Some(
+                    by_key
+                        .entry(key)
+                        .or_insert_with(|| {
+                            std::rc::Rc::new(r.rules_for(ep, true).unwrap_or_default())
+                        })
+                        .clone(),
+                ),
+                Some(_) => None,
+                None => r.rules_for(ep, true).map(std::rc::Rc::new),
+            })
             .collect();
         resolve.push(ms(t.elapsed()));
-        // Endpoints with equal lists share one compiled policy (as the agent's sync does).
+        // Endpoints with equal lists share one compiled policy: lists resolved once are the
+        // same list; the rest are compared by content.
         let t = Instant::now();
         let mut lists: HashMap<&[CompiledRule], usize> = HashMap::new();
+        let mut seen: HashMap<*const Vec<CompiledRule>, ()> = HashMap::new();
         for rules in &resolved {
+            if seen.insert(std::rc::Rc::as_ptr(rules), ()).is_some() {
+                continue;
+            }
             let next = lists.len();
-            lists.entry(rules).or_insert(next);
+            lists.entry(rules.as_slice()).or_insert(next);
         }
         group.push(ms(t.elapsed()));
-        let per_endpoint: Vec<usize> = resolved.iter().map(Vec::len).collect();
+        let per_endpoint: Vec<usize> = resolved.iter().map(|l| l.len()).collect();
         let terms: usize = lists
             .keys()
             .flat_map(|l| l.iter())

@@ -559,14 +559,27 @@ impl Model {
                     .clone()
             })
         };
+        // Endpoints selected by the same policies, none of which looks at the endpoint
+        // itself, get the same rules: resolved once.
+        let mut by_key: std::collections::HashMap<
+            (Vec<usize>, bool),
+            Option<Arc<Vec<CompiledRule>>>,
+        > = std::collections::HashMap::new();
+        let by_ip: std::collections::HashMap<Ipv4Addr, &resolve::Endpoint> =
+            endpoints.iter().map(|e| (e.ip, e)).collect();
         for &(idx, ip) in local {
-            let Some(ep) = endpoints.iter().find(|e| e.ip == ip) else {
+            let Some(ep) = by_ip.get(&ip).copied() else {
                 continue;
             };
-            d.rules.insert(
-                idx,
-                [share(r.rules_for(ep, true)), share(r.rules_for(ep, false))],
-            );
+            let mut one = |ingress: bool| match r.sharing_key(ep, ingress) {
+                Some(key) => by_key
+                    .entry((key, ingress))
+                    .or_insert_with(|| share(r.rules_for(ep, ingress)))
+                    .clone(),
+                None => share(r.rules_for(ep, ingress)),
+            };
+            let rules = [one(true), one(false)];
+            d.rules.insert(idx, rules);
         }
     }
 }
@@ -749,11 +762,25 @@ impl MapWriter {
         // Policies first, then the endpoints that use them: an endpoint switches from one
         // complete policy to another in one map write.
         let mut endpoints = BTreeMap::new();
+        let mut ids: std::collections::HashMap<*const Vec<CompiledRule>, u32> =
+            std::collections::HashMap::new();
         for (&k, v) in &desired.endpoints {
             let mut v = *v;
             if let Some([ingress, egress]) = desired.rules.get(&k) {
-                v.ingress_policy = self.policy_id(ingress, &mut c)?;
-                v.egress_policy = self.policy_id(egress, &mut c)?;
+                // Shared rule lists are looked up once (hashing a list reads all of it).
+                let mut id = |rules: &Option<Arc<Vec<CompiledRule>>>| -> Result<u32, SyncError> {
+                    let Some(a) = rules else {
+                        return Ok(POLICY_NONE);
+                    };
+                    if let Some(id) = ids.get(&Arc::as_ptr(a)) {
+                        return Ok(*id);
+                    }
+                    let id = self.policy_id(rules, &mut c)?;
+                    ids.insert(Arc::as_ptr(a), id);
+                    Ok(id)
+                };
+                v.ingress_policy = id(ingress)?;
+                v.egress_policy = id(egress)?;
             }
             endpoints.insert(k, v);
         }

@@ -164,6 +164,26 @@ fn rule(r: &crate::datastore::policy::Rule, origin: String) -> Result<Option<Rul
     }))
 }
 
+impl Rule {
+    /// Whether the side of this rule that is the endpoint itself constrains anything but
+    /// numbered ports (so that its meaning differs from one endpoint to another).
+    fn looks_at_local(&self, ingress: bool) -> bool {
+        let local = if ingress {
+            &self.destination
+        } else {
+            &self.source
+        };
+        let named = |l: &[PortMatch]| l.iter().any(|m| matches!(m, PortMatch::Named(_)));
+        !local.nets.is_empty()
+            || !local.not_nets.is_empty()
+            || local.selector.is_some()
+            || local.not_selector.is_some()
+            || local.namespace_selector.is_some()
+            || named(&local.ports)
+            || named(&local.not_ports)
+    }
+}
+
 impl Policy {
     /// Parses a stored policy; `Err` says what is wrong (the policy is then not used).
     pub fn parse(namespace: Option<&str>, p: &NetworkPolicy) -> Result<Self, String> {
@@ -323,6 +343,27 @@ impl<'a> Resolver<'a> {
             return false;
         }
         true
+    }
+
+    /// A key such that endpoints with the same key get the same rules in this direction:
+    /// the policies that apply to `ep` there, when none of their rules looks at the
+    /// endpoint itself (its address, labels or named ports on the local side of a rule).
+    /// `None` when some rule does: those endpoints' rules must be resolved one by one.
+    pub fn sharing_key(&self, ep: &Endpoint, ingress: bool) -> Option<Vec<usize>> {
+        let mut key = Vec::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let Some(rules) = (if ingress { &p.ingress } else { &p.egress }) else {
+                continue;
+            };
+            if !self.applies(p, ep) {
+                continue;
+            }
+            if rules.iter().any(|r| r.looks_at_local(ingress)) {
+                return None;
+            }
+            key.push(i);
+        }
+        Some(key)
     }
 
     /// The rules for `ep` in one direction; `None` when no policy applies to it there.
