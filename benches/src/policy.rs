@@ -731,7 +731,10 @@ fn compile_bench(quick: bool) -> anyhow::Result<CompileReport> {
         let r = Resolver::new(&endpoints, &namespaces, &policies);
         // As the agent's sync does: endpoints selected by the same policies (none looking at
         // the endpoint itself) are resolved once; the others one by one.
-        let mut by_key: HashMap<Vec<usize>, std::rc::Rc<Vec<CompiledRule>>> = HashMap::new();
+        let mut by_key: HashMap<
+            dataplane::policy::resolve::SharingKey,
+            std::rc::Rc<Vec<CompiledRule>>,
+        > = HashMap::new();
         let resolved: Vec<std::rc::Rc<Vec<CompiledRule>>> = endpoints
             .iter()
             .filter_map(|ep| match r.sharing_key(ep, true) {

@@ -562,7 +562,7 @@ impl Model {
         // Endpoints selected by the same policies, none of which looks at the endpoint
         // itself, get the same rules: resolved once.
         let mut by_key: std::collections::HashMap<
-            (Vec<usize>, bool),
+            (resolve::SharingKey, bool),
             Option<Arc<Vec<CompiledRule>>>,
         > = std::collections::HashMap::new();
         let by_ip: std::collections::HashMap<Ipv4Addr, &resolve::Endpoint> =

@@ -164,23 +164,51 @@ fn rule(r: &crate::datastore::policy::Rule, origin: String) -> Result<Option<Rul
     }))
 }
 
+/// What of the endpoint itself a rule's local side looks at.
+enum Local {
+    Nothing,
+    /// Only its named ports.
+    NamedPorts,
+    /// Its address, labels or namespace.
+    Endpoint,
+}
+
+/// See [`Resolver::sharing_key`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SharingKey {
+    pub policies: Vec<usize>,
+    pub ports: Vec<NamedPort>,
+}
+
+impl SharingKey {
+    /// No policy applies.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+}
+
 impl Rule {
-    /// Whether the side of this rule that is the endpoint itself constrains anything but
-    /// numbered ports (so that its meaning differs from one endpoint to another).
-    fn looks_at_local(&self, ingress: bool) -> bool {
+    /// What the side of this rule that is the endpoint itself constrains beyond numbered
+    /// ports (what makes its meaning differ from one endpoint to another).
+    fn looks_at_local(&self, ingress: bool) -> Local {
         let local = if ingress {
             &self.destination
         } else {
             &self.source
         };
         let named = |l: &[PortMatch]| l.iter().any(|m| matches!(m, PortMatch::Named(_)));
-        !local.nets.is_empty()
+        if !local.nets.is_empty()
             || !local.not_nets.is_empty()
             || local.selector.is_some()
             || local.not_selector.is_some()
             || local.namespace_selector.is_some()
-            || named(&local.ports)
-            || named(&local.not_ports)
+        {
+            Local::Endpoint
+        } else if named(&local.ports) || named(&local.not_ports) {
+            Local::NamedPorts
+        } else {
+            Local::Nothing
+        }
     }
 }
 
@@ -346,11 +374,12 @@ impl<'a> Resolver<'a> {
     }
 
     /// A key such that endpoints with the same key get the same rules in this direction:
-    /// the policies that apply to `ep` there, when none of their rules looks at the
-    /// endpoint itself (its address, labels or named ports on the local side of a rule).
-    /// `None` when some rule does: those endpoints' rules must be resolved one by one.
-    pub fn sharing_key(&self, ep: &Endpoint, ingress: bool) -> Option<Vec<usize>> {
-        let mut key = Vec::new();
+    /// the policies that apply to `ep` there (and its named ports when a rule names ports on
+    /// the endpoint's own side). `None` when a rule looks at the endpoint itself otherwise
+    /// (its address or labels on the local side): those are resolved one by one.
+    pub fn sharing_key(&self, ep: &Endpoint, ingress: bool) -> Option<SharingKey> {
+        let mut key = SharingKey::default();
+        let mut named = false;
         for (i, p) in self.policies.iter().enumerate() {
             let Some(rules) = (if ingress { &p.ingress } else { &p.egress }) else {
                 continue;
@@ -358,10 +387,19 @@ impl<'a> Resolver<'a> {
             if !self.applies(p, ep) {
                 continue;
             }
-            if rules.iter().any(|r| r.looks_at_local(ingress)) {
-                return None;
+            for r in rules {
+                match r.looks_at_local(ingress) {
+                    Local::Nothing => {}
+                    Local::NamedPorts => named = true,
+                    Local::Endpoint => return None,
+                }
             }
-            key.push(i);
+            key.policies.push(i);
+        }
+        if named {
+            key.ports = ep.ports.clone();
+            key.ports
+                .sort_by(|a, b| (&a.name, a.proto, a.port).cmp(&(&b.name, b.proto, b.port)));
         }
         Some(key)
     }
