@@ -138,8 +138,14 @@ fn order_deny_pass_and_not_matches(mode: (&str, &str)) {
         &d,
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: elsewhere}\nspec:\n  order: 1\n  namespaceSelector: kubernetes.io/metadata.name == 'kube-system'\n  selector: all()\n  ingress:\n  - action: Deny\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: here}\nspec:\n  order: 1\n  namespaceSelector: kubernetes.io/metadata.name == 'default'\n  selector: role == 'other'\n  ingress:\n  - {action: Deny, protocol: UDP}\n  - {action: Allow}\n",
     );
-    assert!(tcp(&d.pods[0], ip(1)), "TCP to the 'other' pod still allowed");
-    assert!(!udp(&d.pods[0], ip(1)), "UDP to it denied by the namespace-wide policy");
+    assert!(
+        tcp(&d.pods[0], ip(1)),
+        "TCP to the 'other' pod still allowed"
+    );
+    assert!(
+        !udp(&d.pods[0], ip(1)),
+        "UDP to it denied by the namespace-wide policy"
+    );
     assert!(udp(&d.pods[0], ip(4)), "a pod neither policy selects");
     delete(&d, "globalnetworkpolicy", "elsewhere");
     delete(&d, "globalnetworkpolicy", "here");
