@@ -262,6 +262,8 @@ pub struct Etcd {
     pub ip: Ipv4Addr,
     /// Clients must use mutual TLS.
     pub tls: bool,
+    /// Where the TLS files are (for a restart).
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Certificates for an etcd with mutual TLS, made with the openssl CLI in a temporary dir:
@@ -419,25 +421,65 @@ impl Etcd {
             .prefix("dp-etcd-")
             .tempdir()
             .unwrap();
+        let tls_dir = tls.map(|t| t.dir.path().to_owned());
+        let child = Self::spawn(&ns, data_dir.path(), tls_dir.as_deref(), false);
+        let etcd = Self {
+            process: ChildGuard::new(child, "etcd"),
+            ns,
+            data_dir,
+            ip: ETCD_IP,
+            tls: tls.is_some(),
+            tls_dir,
+        };
+        etcd.wait_healthy(Duration::from_secs(20));
+        etcd
+    }
+
+    /// Starts etcd again on the same data (after `process.stop`, say) and waits until it
+    /// serves clients.
+    pub fn restart(&mut self) {
+        let child = Self::spawn(
+            &self.ns,
+            self.data_dir.path(),
+            self.tls_dir.as_deref(),
+            true,
+        );
+        self.process = ChildGuard::new(child, "etcd (restarted)");
+        self.wait_healthy(Duration::from_secs(20));
+    }
+
+    /// The etcd process, logging into the data dir (appending on a restart).
+    fn spawn(
+        ns: &Netns,
+        data_dir: &std::path::Path,
+        tls: Option<&std::path::Path>,
+        append: bool,
+    ) -> std::process::Child {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://{ETCD_IP}:2379");
         let peer = format!("http://{ETCD_IP}:2380");
-        let log = std::fs::File::create(data_dir.path().join("etcd.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(data_dir.join("etcd.log"))
+            .unwrap();
         let mut cmd = ns.command("etcd");
         if let Some(t) = tls {
+            let f = |n: &str| t.join(n).display().to_string();
             cmd.args([
                 "--cert-file",
-                &t.path("server.pem"),
+                &f("server.pem"),
                 "--key-file",
-                &t.path("server-key.pem"),
+                &f("server-key.pem"),
                 "--trusted-ca-file",
-                &t.path("ca.pem"),
+                &f("ca.pem"),
                 "--client-cert-auth",
             ]);
         }
-        let child = cmd
-            .args(["--name", "etcd0", "--data-dir"])
-            .arg(data_dir.path().join("data"))
+        cmd.args(["--name", "etcd0", "--data-dir"])
+            .arg(data_dir.join("data"))
             .args([
                 "--listen-client-urls",
                 &client,
@@ -454,16 +496,7 @@ impl Etcd {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("start etcd (run `cargo xtask setup`): {e}"));
-        let etcd = Self {
-            process: ChildGuard::new(child, "etcd"),
-            ns,
-            data_dir,
-            ip: ETCD_IP,
-            tls: tls.is_some(),
-        };
-        etcd.wait_healthy(Duration::from_secs(20));
-        etcd
+            .unwrap_or_else(|e| panic!("start etcd (run `cargo xtask setup`): {e}"))
     }
 
     pub fn endpoint(&self) -> String {

@@ -14,8 +14,7 @@ use std::{
 use dataplane::datastore::{Datastore, EtcdConfig, IpPool, IpPoolSpec, Node, keys, runtime};
 use dataplane::ipam::{AssignRequest, Ipam, IpamConfig};
 use dataplane_tests::{
-    Agent, ChildGuard, Cluster, Etcd, Netns, PinDirGuard, cluster::http_get, dataplane,
-    dataplane_bin, require_root, wait_attached,
+    Agent, Cluster, Etcd, Netns, PinDirGuard, dataplane, dataplane_bin, require_root, wait_attached,
 };
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -171,44 +170,7 @@ fn scrape(ns: &Netns) -> Vec<Sample> {
 /// Starts etcd again in its namespace on its data dir (after `process.stop`), and waits until
 /// it is healthy.
 fn restart_etcd(etcd: &mut Etcd) {
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(etcd.data_dir.path().join("etcd.log"))
-        .unwrap();
-    let client = etcd.endpoint();
-    let peer = format!("http://{}:2380", etcd.ip);
-    let child = etcd
-        .ns
-        .command("etcd")
-        .args(["--name", "etcd0", "--data-dir"])
-        .arg(etcd.data_dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("etcd0={peer}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    etcd.process = ChildGuard::new(child, "etcd (restarted)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !etcd
-        .ns
-        .run(|| http_get(etcd.ip, 2379, "/health"))
-        .is_ok_and(|b| b.contains("\"health\":\"true\""))
-    {
-        assert!(Instant::now() < deadline, "etcd not healthy after restart");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    etcd.restart();
 }
 
 #[test]
@@ -453,18 +415,13 @@ fn root_ctl_node_status_shows_the_live_node_with_its_revision_in_table_and_json(
     );
     let maps = local["maps"].as_array().unwrap();
     let names: Vec<&str> = maps.iter().map(|m| m["map"].as_str().unwrap()).collect();
-    assert_eq!(
-        names,
-        [
-            "routes",
-            "endpoints",
-            "nodes",
-            "conntrack",
-            "policy_ip",
-            "policy_port",
-            "counters"
-        ]
-    );
+    // Every pinned map the agent owns, in the order node status lists them.
+    let expected: Vec<&str> = dataplane::pinned::FILLED_MAPS
+        .iter()
+        .map(|(label, _, _)| *label)
+        .collect();
+    assert_eq!(names, expected);
+    assert!(names.contains(&"conntrack") && names.contains(&"policy_port_exact"));
     assert!(maps.iter().all(|m| m["maxEntries"].as_u64().unwrap() > 0));
     assert_eq!(
         maps.iter().find(|m| m["map"] == "nodes").unwrap()["entries"],

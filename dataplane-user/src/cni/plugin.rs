@@ -139,21 +139,27 @@ fn net_err(what: &str) -> impl FnOnce(NetError) -> CniError + '_ {
     move |e| CniError::new(code::INTERNAL, what.to_owned()).details(crate::error_chain(&e))
 }
 
+/// This machine's node name: the file [`NODENAME_FILE`] (written at install), else the
+/// hostname.
+pub fn local_node_name() -> String {
+    if let Ok(n) = std::fs::read_to_string(NODENAME_FILE) {
+        let n = n.trim();
+        if !n.is_empty() {
+            return n.to_owned();
+        }
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
 impl Context<'_> {
     fn node(&self) -> String {
         if let Some(n) = self.conf.nodename.as_deref().filter(|n| !n.is_empty()) {
             return n.to_owned();
         }
-        if let Ok(n) = std::fs::read_to_string(NODENAME_FILE) {
-            let n = n.trim();
-            if !n.is_empty() {
-                return n.to_owned();
-            }
-        }
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default()
+        local_node_name()
     }
 
     fn ipam_type(&self) -> Result<String, CniError> {

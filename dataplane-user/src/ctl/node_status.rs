@@ -75,17 +75,7 @@ pub struct LocalState {
 /// This node's name when not given: /var/lib/dataplane/nodename, else the hostname (as the
 /// CNI plugin finds it).
 pub fn default_node_name() -> String {
-    // The same file the CNI plugin reads.
-    if let Ok(n) = std::fs::read_to_string("/var/lib/dataplane/nodename") {
-        let n = n.trim();
-        if !n.is_empty() {
-            return n.to_owned();
-        }
-    }
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default()
+    crate::cni::local_node_name()
 }
 
 /// What the pin directory `root` shows (read directly; the agent need not run).
