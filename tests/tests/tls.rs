@@ -67,12 +67,11 @@ fn root_mutual_tls_works_and_every_bad_credential_fails_clearly() {
         let (ok, out) = ctl(&cluster, &url, creds, &["get", "ippool", "tls-pool"]);
         assert!(!ok, "{what}: succeeded: {out}");
         eprintln!("{what}: {}", out.trim());
-        if creds.len() != expired.len() || creds[1].1 != expired[1].1 {
-            // The server's certificate, or the missing one, is named in the error.
-            assert!(
-                out.contains("certificate") || out.contains("Certificate"),
-                "{what}: {out}"
-            );
+        if creds[0].1 == wrong_ca[0].1 {
+            // Verified on our side: the error names the server's certificate. (A refused
+            // client certificate is the server's verdict; TLS 1.3 may report it only as a
+            // closed connection.)
+            assert!(out.contains("certificate"), "{what}: {out}");
         }
         assert!(out.contains("error"), "{what}: {out}");
         assert!(!out.contains("10.70.0.0/16"), "{what}: read data: {out}");
