@@ -1,196 +1,413 @@
-//! Pod-to-pod datapath, first cut: TCP request/response rate (1-byte ping-pong on one
-//! connection, like netperf TCP_RR) and TCP stream throughput (iperf3), same node and cross
-//! node, for the BPF dataplane (IP-in-IP Always, and native) and for bare kernel routing with
-//! no dataplane. Configurations are interleaved round by round; client and server run on CPU
-//! 0 (DESIGN.md: a wake-up across the two vCPUs costs ~300 µs here).
+//! Pod-to-pod datapath, BPF against iptables against bare kernel routing (issue 6), measured in
+//! one run: request/response rate and latency (TCP_RR-like, 1-byte ping-pong on a few
+//! connections), new connections per second (TCP_CRR-like), TCP stream (iperf3), and CPU time
+//! per operation, same node and cross node, each with N policy rules on the destination that
+//! do not match the client plus the one that allows it (last).
+//!
+//! Configurations, each its own cluster in a box (3 nodes, 2 pods each):
+//! - `bare`: kernel routing, no agents, no policy (it takes no rules; measured in every rule
+//!   block as the baseline of that block's rounds);
+//! - `iptables`: agents `--dataplane iptables` (nft backend), pool ipipMode Never;
+//! - `bpf`: agents in BPF mode, pool ipipMode Never (like for like with iptables);
+//! - `bpf-ipip`: BPF mode with IP-in-IP Always, cross node only (the kernel has no ipip module,
+//!   so iptables cannot encapsulate; labelled, not compared with iptables).
+//!
+//! For each rule count (ascending) the policy is applied to every configuration that takes it
+//! (`ctl apply --wait`, timed: the control-plane figure), then `rounds` rounds run the
+//! configurations interleaved (A B C D A B C D …); ratios are the median of per-round ratios.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, bail};
 use dataplane_tests::traffic::{Deployment, Pod};
 use serde::Serialize;
 
-const RR_PORT: u16 = 7100;
-const SECONDS: u64 = 1;
+use crate::load::{self, CRR_PORT, RR_PORT, STREAM_PORT};
 
-fn pin_to_cpu0() {
-    // SAFETY: sched_setaffinity on the calling thread (pid 0) with a set built here.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+/// The run's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    /// Rule counts for every configuration that takes policy.
+    pub rules: Vec<usize>,
+    /// Further rule counts for the BPF configurations only.
+    pub bpf_only_rules: Vec<usize>,
+    pub rr_connections: usize,
+    pub rr_ms: u64,
+    pub crr_ms: u64,
+    pub stream_s: u64,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 1,
+                rules: vec![0, 1_000],
+                bpf_only_rules: vec![],
+                rr_connections: 4,
+                rr_ms: 400,
+                crr_ms: 400,
+                stream_s: 1,
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 5,
+                rules: vec![0, 100, 1_000, 10_000],
+                bpf_only_rules: vec![100_000],
+                rr_connections: 4,
+                rr_ms: 1_000,
+                crr_ms: 1_000,
+                stream_s: 1,
+            }
+        }
     }
 }
 
-/// Requests/s of a 1-byte ping-pong from `client` to `server` for `SECONDS`.
-fn rr_rate(client: &Pod, server: &Pod) -> anyhow::Result<f64> {
-    let listener = server
-        .sb
-        .ns
-        .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, RR_PORT)))?;
-    std::thread::scope(|s| {
-        let srv = s.spawn(move || -> std::io::Result<()> {
-            pin_to_cpu0();
-            let (mut c, _) = listener.accept()?;
-            c.set_nodelay(true)?;
-            let mut b = [0u8; 1];
-            while c.read_exact(&mut b).is_ok() {
-                c.write_all(&b)?;
-            }
-            Ok(())
+/// A sample key: (config, path, metric, rules).
+pub type Key = (String, String, String, usize);
+
+/// What the run measured: every per-round sample, and the control-plane figures.
+#[derive(Debug, Default)]
+pub struct Samples {
+    /// key → one value per round (in round order; `None` where that round failed).
+    pub data: BTreeMap<Key, Vec<Option<f64>>>,
+    /// (config, rules) → figures of programming them.
+    pub control: BTreeMap<(String, usize), Control>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Control {
+    /// Wall time of `ctl apply --wait` (parse, etcd write, until every agent reports it in
+    /// force).
+    pub apply_wall_ms: f64,
+    /// `ctl apply --wait`'s own `in force on N nodes (X ms)` figure: etcd write → in force.
+    pub in_force_ms: Option<f64>,
+    /// Largest agent RSS after the policy is in force, KiB.
+    pub agent_rss_kib_max: Option<u64>,
+    /// BPF map memory (memlock) of node 1's pinned maps, bytes (BPF configurations).
+    pub bpf_map_memlock_bytes: Option<u64>,
+}
+
+const PATHS: [&str; 2] = ["same-node", "cross-node"];
+
+struct Config {
+    name: &'static str,
+    d: Deployment,
+    takes_rules: bool,
+    bpf: bool,
+    same_node: bool,
+}
+
+/// A non-pod address for rule `i` (198.18.0.0/15, the benchmarking range).
+fn rule_peer(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0xc612_0000u32 + i as u32 + 1)
+}
+
+/// `n` non-matching rules then the allow of `client` on the bench ports, as JSON manifests:
+/// one NetworkPolicy per 10,000 rules (etcd's value limit is 1.5 MiB; each selects every pod,
+/// and the allow comes in the last).
+fn policy_manifests(n: usize, client: std::net::Ipv4Addr) -> String {
+    let per = 10_000;
+    let parts = n.div_ceil(per).max(1);
+    let mut out = String::new();
+    for p in 0..parts {
+        let mut ingress: Vec<serde_json::Value> = (p * per..((p + 1) * per).min(n))
+            .map(|i| {
+                serde_json::json!({"action": "Allow", "protocol": "TCP",
+                    "source": {"nets": [format!("{}/32", rule_peer(i))]},
+                    "destination": {"ports": [10_000 + (i % 50_000) as u16]}})
+            })
+            .collect();
+        if p == parts - 1 {
+            ingress.push(serde_json::json!({"action": "Allow", "protocol": "TCP",
+                "source": {"nets": [format!("{client}/32")]},
+                "destination": {"ports": [RR_PORT, CRR_PORT, STREAM_PORT]}}));
+        }
+        let doc = serde_json::json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+            "metadata": {"name": format!("bench-rules-{p}"), "namespace": "default"},
+            "spec": {"selector": "all()", "types": ["Ingress"], "order": 100 + p, "ingress": ingress}
         });
-        let rate = client.sb.ns.run(|| -> anyhow::Result<f64> {
-            pin_to_cpu0();
-            let mut c =
-                TcpStream::connect_timeout(&(server.ip, RR_PORT).into(), Duration::from_secs(2))?;
-            c.set_nodelay(true)?;
-            let mut b = [1u8; 1];
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < Duration::from_secs(SECONDS) {
-                c.write_all(&b)?;
-                c.read_exact(&mut b)?;
-                n += 1;
-            }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
+        out.push_str(&doc.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Sum of `bytes_memlock` of the maps pinned under `dir` (bpftool -f lists pinned paths).
+fn pinned_memlock(dir: &std::path::Path) -> Option<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "-f", "map", "show"])
+        .output()
+        .ok()?;
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    let dir = dir.display().to_string();
+    let sum = maps
+        .iter()
+        .filter(|m| {
+            m["pinned"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with(&dir)))
+            })
+        })
+        .filter_map(|m| m["bytes_memlock"].as_u64())
+        .sum();
+    Some(sum)
+}
+
+/// Applies `n` rules to `c` and times it.
+fn program(c: &Config, n: usize) -> anyhow::Result<Control> {
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("rules.json");
+    std::fs::write(&f, policy_manifests(n, c.d.pods[0].ip))?;
+    let t0 = std::time::Instant::now();
+    let (st, out, err) = c.d.ctl(&[
+        "apply",
+        "--wait",
+        "--wait-timeout",
+        "300",
+        "-f",
+        &f.display().to_string(),
+    ]);
+    let apply_wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !st.success() {
+        bail!("{}: ctl apply of {n} rules: {out}{err}", c.name);
+    }
+    let in_force_ms = out
+        .lines()
+        .find_map(|l| l.split_once("in force on ").map(|(_, r)| r.to_owned()))
+        .and_then(|r| {
+            r.split_once('(')
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
         });
-        let _served = srv.join();
-        rate
+    let agent_rss_kib_max =
+        c.d.agents
+            .iter()
+            .filter_map(|a| rss_kib(a.process.pid()))
+            .max();
+    let bpf_map_memlock_bytes = if c.bpf {
+        c.d.pins.first().and_then(|p| pinned_memlock(&p.path))
+    } else {
+        None
+    };
+    Ok(Control {
+        apply_wall_ms,
+        in_force_ms,
+        agent_rss_kib_max,
+        bpf_map_memlock_bytes,
     })
 }
 
-/// Gbit/s of an iperf3 TCP stream from `client` to `server`, both on CPU 0.
-fn stream_gbps(client: &Pod, server: &Pod) -> anyhow::Result<f64> {
-    let mut srv = dataplane_tests::ChildGuard::new(
-        server
-            .sb
-            .ns
-            .command("taskset")
-            .args(["-c", "0", "iperf3", "-s", "-1", "-p", "5202"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-        "iperf3 -s",
-    );
-    std::thread::sleep(Duration::from_millis(200));
-    let out = client
-        .sb
-        .ns
-        .command("taskset")
-        .args([
-            "-c",
-            "0",
-            "iperf3",
-            "-c",
-            &server.ip.to_string(),
-            "-p",
-            "5202",
-            "-t",
-            &SECONDS.to_string(),
-            "-J",
-        ])
-        .output()?;
-    srv.stop(Duration::from_secs(2));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    if bps == 0.0 {
-        bail!(
-            "iperf3 measured nothing: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+/// iptables tracks every connection in the node namespaces; thousands of CRR connections a
+/// second would otherwise fill the table with TIME_WAIT entries (120 s) over a full run.
+fn short_conntrack_time_wait(d: &Deployment) {
+    for n in &d.cluster.nodes {
+        n.ns.run(|| {
+            if let Err(e) = std::fs::write(
+                "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait",
+                "5",
+            ) {
+                eprintln!(
+                    "  note: {}: conntrack time_wait timeout not set: {e}",
+                    n.name
+                );
+            }
+        });
     }
-    Ok(bps / 1e9)
 }
 
-#[derive(Debug, Serialize)]
-pub struct Row {
-    pub config: String,
-    pub path: String,
-    pub rr_per_s_median: f64,
-    pub gbps_median: f64,
+fn measure(
+    plan: &Plan,
+    c: &Config,
+    client: &Pod,
+    server: &Pod,
+) -> Vec<(&'static str, anyhow::Result<f64>)> {
+    let mut v = Vec::new();
+    match load::rr(
+        client,
+        server,
+        plan.rr_connections,
+        Duration::from_millis(plan.rr_ms),
+    ) {
+        Ok(r) => {
+            v.push(("rr_per_s", Ok(r.per_s)));
+            v.push(("rr_p50_us", Ok(r.p50_us)));
+            v.push(("rr_p99_us", Ok(r.p99_us)));
+            v.push(("rr_cpu_us_per_req", Ok(r.cpu_us_per_op)));
+        }
+        Err(e) => v.push(("rr_per_s", Err(e.context(c.name)))),
+    }
+    match load::crr(client, server, Duration::from_millis(plan.crr_ms)) {
+        Ok(r) => {
+            v.push(("crr_per_s", Ok(r.per_s)));
+            v.push(("crr_p50_us", Ok(r.p50_us)));
+            v.push(("crr_p99_us", Ok(r.p99_us)));
+            v.push(("crr_cpu_us_per_conn", Ok(r.cpu_us_per_op)));
+        }
+        Err(e) => v.push(("crr_per_s", Err(e.context(c.name)))),
+    }
+    match load::stream(client, server, plan.stream_s) {
+        Ok(s) => {
+            v.push(("stream_gbps", Ok(s.gbps)));
+            v.push(("stream_cpu_s_per_gb", Ok(s.cpu_s_per_gb)));
+        }
+        Err(e) => v.push(("stream_gbps", Err(e.context(c.name)))),
+    }
+    v
 }
 
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub bench: &'static str,
-    pub rounds: usize,
-    pub rows: Vec<Row>,
-    /// Median over rounds of the per-round ratio bpf/bare (same node, RR).
-    pub same_node_rr_bpf_over_bare: f64,
-    /// Median over rounds of the per-round ratio bpf IP-in-IP / bpf native (cross node, RR).
-    pub cross_node_rr_ipip_over_native: f64,
-    pub cross_node_gbps_ipip_over_native: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-pub fn run(rounds: usize) -> anyhow::Result<Report> {
-    println!(
-        "datapath: TCP RR and stream, same node and cross node (same subnet), {rounds} rounds, configurations interleaved"
+pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
+    // The orchestration stays off CPU 0, where clients and servers run.
+    load::pin_to_cpu(1);
+    eprintln!(
+        "datapath: bare vs iptables vs bpf, rules {:?} (+{:?} bpf only), {} round(s), RR {} ms on {} connections, CRR {} ms, stream {} s",
+        plan.rules,
+        plan.bpf_only_rules,
+        plan.rounds,
+        plan.rr_ms,
+        plan.rr_connections,
+        plan.crr_ms,
+        plan.stream_s
     );
+    let t0 = std::time::Instant::now();
+    let start = |what: &str| eprintln!("[{:>5.1}s] starting {what}", t0.elapsed().as_secs_f64());
+    start("bare cluster");
+    let bare = Deployment::bare(2);
+    start("iptables cluster");
+    let ipt = Deployment::start_with_dataplane("iptables", "Never", 2);
+    short_conntrack_time_wait(&ipt);
+    start("bpf cluster (Never)");
+    let bpf = Deployment::start("Never", 2);
+    start("bpf cluster (IP-in-IP Always)");
+    let ipip = Deployment::start("Always", 2);
     let configs = [
-        ("bare", Deployment::bare(2)),
-        ("bpf-native", Deployment::start("Never", 2)),
-        ("bpf-ipip", Deployment::start("Always", 2)),
+        Config {
+            name: "bare",
+            d: bare,
+            takes_rules: false,
+            bpf: false,
+            same_node: true,
+        },
+        Config {
+            name: "iptables",
+            d: ipt,
+            takes_rules: true,
+            bpf: false,
+            same_node: true,
+        },
+        Config {
+            name: "bpf",
+            d: bpf,
+            takes_rules: true,
+            bpf: true,
+            same_node: true,
+        },
+        Config {
+            name: "bpf-ipip",
+            d: ipip,
+            takes_rules: true,
+            bpf: true,
+            same_node: false,
+        },
     ];
-    // (config, path) → samples
-    let mut rr: Vec<Vec<f64>> = vec![Vec::new(); configs.len() * 2];
-    let mut gb: Vec<Vec<f64>> = vec![Vec::new(); configs.len() * 2];
-    for round in 0..rounds {
-        for (ci, (_, d)) in configs.iter().enumerate() {
-            // pods 0 and 1 are on node-1, pod 2 on node-2 (same subnet).
-            for (pi, (a, b)) in [(&d.pods[0], &d.pods[1]), (&d.pods[0], &d.pods[2])]
-                .into_iter()
-                .enumerate()
-            {
-                rr[ci * 2 + pi].push(rr_rate(a, b)?);
-                gb[ci * 2 + pi].push(stream_gbps(a, b)?);
+    let mut samples = Samples::default();
+    let counts: Vec<(usize, bool)> = plan
+        .rules
+        .iter()
+        .map(|&n| (n, false))
+        .chain(plan.bpf_only_rules.iter().map(|&n| (n, true)))
+        .collect();
+    for &(n, bpf_only) in &counts {
+        let active: Vec<&Config> = configs
+            .iter()
+            .filter(|c| !bpf_only || c.bpf || !c.takes_rules)
+            .collect();
+        for c in active.iter().filter(|c| c.takes_rules && n > 0) {
+            eprintln!(
+                "[{:>5.1}s] rules {n}: programming {}",
+                t0.elapsed().as_secs_f64(),
+                c.name
+            );
+            match program(c, n) {
+                Ok(ctl) => {
+                    eprintln!(
+                        "           {} ms wall, in force {} ms, agent RSS {} KiB",
+                        ctl.apply_wall_ms as u64,
+                        ctl.in_force_ms.map_or("?".into(), |v| format!("{v:.0}")),
+                        ctl.agent_rss_kib_max.map_or("?".into(), |v| v.to_string())
+                    );
+                    samples.control.insert((c.name.to_owned(), n), ctl);
+                }
+                Err(e) => {
+                    eprintln!("           FAILED: {e:#}");
+                    samples.errors.push(format!("{e:#}"));
+                }
             }
         }
-        print!("\r  round {}/{rounds}", round + 1);
-        std::io::stdout().flush()?;
-    }
-    println!();
-    let paths = ["same node", "cross node"];
-    let mut rows = Vec::new();
-    for (ci, (name, _)) in configs.iter().enumerate() {
-        for (pi, path) in paths.iter().enumerate() {
-            let row = Row {
-                config: (*name).to_owned(),
-                path: (*path).to_owned(),
-                rr_per_s_median: median(rr[ci * 2 + pi].clone()),
-                gbps_median: median(gb[ci * 2 + pi].clone()),
-            };
-            println!(
-                "  {:<11} {:<10}  RR {:>9.0}/s   stream {:>6.2} Gbit/s",
-                row.config, row.path, row.rr_per_s_median, row.gbps_median
-            );
-            rows.push(row);
+        for c in active.iter().filter(|c| !c.takes_rules || n == 0) {
+            if let Some(rss) =
+                c.d.agents
+                    .iter()
+                    .filter_map(|a| rss_kib(a.process.pid()))
+                    .max()
+            {
+                samples.control.entry((c.name.to_owned(), n)).or_default();
+                let e = samples
+                    .control
+                    .get_mut(&(c.name.to_owned(), n))
+                    .context("entry")?;
+                e.agent_rss_kib_max = Some(rss);
+                if c.bpf {
+                    e.bpf_map_memlock_bytes =
+                        c.d.pins.first().and_then(|p| pinned_memlock(&p.path));
+                }
+            }
+        }
+        for round in 0..plan.rounds {
+            for c in &active {
+                for (pi, path) in PATHS.iter().enumerate() {
+                    if pi == 0 && !c.same_node {
+                        continue;
+                    }
+                    // pods 0 and 1 are on node-1, pod 2 on node-2 (same subnet).
+                    let (client, server) = (&c.d.pods[0], &c.d.pods[1 + pi]);
+                    eprintln!(
+                        "[{:>5.1}s] rules {n:>6} round {}/{} {:<9} {path}",
+                        t0.elapsed().as_secs_f64(),
+                        round + 1,
+                        plan.rounds,
+                        c.name
+                    );
+                    for (metric, value) in measure(plan, c, client, server) {
+                        let slot = samples
+                            .data
+                            .entry((c.name.to_owned(), (*path).to_owned(), metric.to_owned(), n))
+                            .or_insert_with(|| vec![None; plan.rounds]);
+                        match value {
+                            Ok(v) => slot[round] = Some(v),
+                            Err(e) => {
+                                let msg = format!("rules {n} round {round} {path} {metric}: {e:#}");
+                                eprintln!("           FAILED: {msg}");
+                                samples.errors.push(msg);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
-    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
-    let report = Report {
-        bench: "datapath",
-        rounds,
-        same_node_rr_bpf_over_bare: ratio(&rr[2], &rr[0]),
-        cross_node_rr_ipip_over_native: ratio(&rr[5], &rr[3]),
-        cross_node_gbps_ipip_over_native: ratio(&gb[5], &gb[3]),
-        rows,
-    };
-    println!(
-        "  ratios (median of per-round): same-node RR bpf/bare {:.2}; cross-node RR ipip/native {:.2}; cross-node stream ipip/native {:.2}",
-        report.same_node_rr_bpf_over_bare,
-        report.cross_node_rr_ipip_over_native,
-        report.cross_node_gbps_ipip_over_native
-    );
-    Ok(report)
+    eprintln!("[{:>5.1}s] measured", t0.elapsed().as_secs_f64());
+    Ok(samples)
 }

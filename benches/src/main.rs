@@ -5,7 +5,9 @@
 mod attach;
 mod cni;
 mod datapath;
+mod load;
 mod policy;
+mod report;
 mod sync;
 
 use clap::{Parser, ValueEnum};
@@ -38,6 +40,13 @@ struct Args {
     /// Rounds of the CNI bench, plugins interleaved in each (default 3, or 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Rounds of the datapath comparison (default 5, or 1 with --quick).
+    #[arg(long)]
+    datapath_rounds: Option<usize>,
+    /// Rule counts of the datapath comparison for every configuration (default
+    /// 0,100,1000,10000 plus 100000 for bpf only; 0,1000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    datapath_rules: Option<Vec<usize>>,
 }
 
 fn write_report(name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -67,8 +76,19 @@ fn main() -> anyhow::Result<()> {
         write_report("sync-latency", &sync::run(changes)?)?;
     }
     if wants(Bench::Datapath) {
-        let rounds = if args.quick { 1 } else { 7 };
-        write_report("datapath", &datapath::run(rounds)?)?;
+        let mut plan = datapath::Plan::new(args.quick);
+        if let Some(r) = args.datapath_rounds {
+            plan.rounds = r;
+        }
+        if let Some(r) = &args.datapath_rules {
+            plan.bpf_only_rules.retain(|n| !r.contains(n));
+            plan.rules.clone_from(r);
+        }
+        let samples = datapath::run(&plan)?;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        let r = report::build(&plan, &samples, &dir);
+        report::write(&dir, &r)?;
+        report::check_complete(&plan, &r)?;
     }
     if wants(Bench::Policy) {
         write_report("policy", &policy::run(args.quick)?)?;
