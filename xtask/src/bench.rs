@@ -31,5 +31,7 @@ pub fn run_bench(args: Args) -> Result<()> {
     if !args.bench_args.is_empty() {
         command.arg("--").args(&args.bench_args);
     }
-    run(&mut command)
+    run(&mut command)?;
+    println!("report: target/bench/report.md (and report.json, report.svg)");
+    Ok(())
 }
