@@ -37,6 +37,8 @@ pub struct Plan {
     pub rr_ms: u64,
     pub crr_ms: u64,
     pub stream_s: u64,
+    /// WorkloadEndpoints written for the memory figures.
+    pub endpoints: usize,
 }
 
 impl Plan {
@@ -51,6 +53,7 @@ impl Plan {
                 rr_ms: 400,
                 crr_ms: 400,
                 stream_s: 1,
+                endpoints: 20,
             }
         } else {
             Self {
@@ -62,6 +65,7 @@ impl Plan {
                 rr_ms: 1_000,
                 crr_ms: 1_000,
                 stream_s: 1,
+                endpoints: 1_000,
             }
         }
     }
@@ -77,7 +81,28 @@ pub struct Samples {
     pub data: BTreeMap<Key, Vec<Option<f64>>>,
     /// (config, rules) → figures of programming them.
     pub control: BTreeMap<(String, usize), Control>,
+    /// Agent and map memory with many endpoints, per configuration.
+    pub endpoints: Vec<EndpointsMemory>,
     pub errors: Vec<String>,
+}
+
+/// One node's agent with `endpoints` WorkloadEndpoints (written straight to etcd, no real
+/// pods or interfaces) under `rules` rules selecting them all.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointsMemory {
+    pub config: String,
+    pub node: String,
+    pub endpoints: usize,
+    pub rules: usize,
+    pub agent_rss_kib_before: Option<u64>,
+    pub agent_rss_kib_after: Option<u64>,
+    /// Memlock of that node's pinned BPF maps (BPF configurations), before and after.
+    pub bpf_map_memlock_bytes_before: Option<u64>,
+    pub bpf_map_memlock_bytes_after: Option<u64>,
+    /// etcd writes of the endpoints, then a marker policy applied with `--wait`: its wall time
+    /// (the agents process events in order, so the marker in force means the endpoints are).
+    pub write_ms: f64,
+    pub settle_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -207,6 +232,118 @@ fn program(c: &Config, n: usize) -> anyhow::Result<Control> {
         in_force_ms,
         agent_rss_kib_max,
         bpf_map_memlock_bytes,
+    })
+}
+
+/// Writes `count` WorkloadEndpoints for node 3 (no traffic runs there) into etcd, waits until
+/// its agent has taken them (a marker policy applied with `--wait` after them), reads the
+/// agent's RSS and its maps' memlock, then deletes them again.
+fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<EndpointsMemory> {
+    use dataplane::datastore::{Datastore, EtcdConfig, WorkloadEndpoint, WorkloadEndpointArgs};
+    let node = &c.d.cluster.nodes[2];
+    let agent_pid =
+        c.d.agents
+            .get(2)
+            .map(|a| a.process.pid())
+            .context("no agent on node 3")?;
+    let memlock = || {
+        c.bpf
+            .then(|| c.d.pins.get(2).and_then(|p| pinned_memlock(&p.path)))
+            .flatten()
+    };
+    let (rss0, mem0) = (rss_kib(agent_pid), memlock());
+    let etcd =
+        c.d.cluster
+            .etcd
+            .as_ref()
+            .map(|e| e.endpoint())
+            .context("no etcd")?;
+    let weps: Vec<WorkloadEndpoint> = (0..count)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a41_c800u32 + i as u32); // 10.65.200.0 + i
+            WorkloadEndpoint::new(WorkloadEndpointArgs {
+                namespace: "default".into(),
+                node: node.name.clone(),
+                pod: format!("bench-mem-{i}"),
+                endpoint: "eth0".into(),
+                container_id: format!("benchmem{i:08}"),
+                interface_name: format!("calibm{i:09}"),
+                mac: "ee:ee:ee:ee:ee:ee".into(),
+                ip_networks: vec![format!("{ip}/32")],
+                profiles: vec!["kns.default".into()],
+                labels: [(
+                    "projectcalico.org/namespace".to_owned(),
+                    "default".to_owned(),
+                )]
+                .into_iter()
+                .collect(),
+            })
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let put = |delete: bool| -> anyhow::Result<()> {
+        node.ns.run(|| -> anyhow::Result<()> {
+            let rt = dataplane::datastore::runtime()?;
+            rt.block_on(async {
+                let ds = Datastore::connect(&EtcdConfig {
+                    endpoints: vec![etcd.clone()],
+                    ..EtcdConfig::default()
+                })
+                .await?;
+                for w in &weps {
+                    if delete {
+                        ds.delete(&w.key(), None).await?;
+                    } else {
+                        ds.put_workload_endpoint(w).await?;
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+    };
+    put(false).context("write the endpoints")?;
+    let write_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let marker = |version: usize| -> anyhow::Result<f64> {
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("marker.json");
+        std::fs::write(
+            &f,
+            serde_json::json!({"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+                "metadata": {"name": "bench-marker", "namespace": "default"},
+                "spec": {"selector": format!("bench-marker == '{version}'"), "types": ["Ingress"]}})
+            .to_string(),
+        )?;
+        let t = std::time::Instant::now();
+        let (st, out, err) = c.d.ctl(&[
+            "apply",
+            "--wait",
+            "--wait-timeout",
+            "300",
+            "-f",
+            &f.display().to_string(),
+        ]);
+        if !st.success() {
+            bail!("{}: endpoints not in force: {out}{err}", c.name);
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let settled = marker(1);
+    let (rss1, mem1) = (rss_kib(agent_pid), memlock());
+    let removed = put(true).context("delete the endpoints");
+    let settle_ms = settled?;
+    removed?;
+    marker(2)?;
+    Ok(EndpointsMemory {
+        config: c.name.to_owned(),
+        node: node.name.clone(),
+        endpoints: count,
+        rules,
+        agent_rss_kib_before: rss0,
+        agent_rss_kib_after: rss1,
+        bpf_map_memlock_bytes_before: mem0,
+        bpf_map_memlock_bytes_after: mem1,
+        write_ms,
+        settle_ms,
     })
 }
 
@@ -403,6 +540,34 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
                                 samples.errors.push(msg);
                             }
                         }
+                    }
+                }
+            }
+        }
+        // With the most rules every configuration takes: memory at many endpoints.
+        if !bpf_only && Some(&n) == plan.rules.last() {
+            for c in active.iter().filter(|c| c.takes_rules && c.same_node) {
+                eprintln!(
+                    "[{:>5.1}s] rules {n}: {} endpoints on {} node 3",
+                    t0.elapsed().as_secs_f64(),
+                    plan.endpoints,
+                    c.name
+                );
+                match endpoints_memory(c, plan.endpoints, n) {
+                    Ok(m) => {
+                        eprintln!(
+                            "           agent RSS {:?} → {:?} KiB, maps {:?} → {:?} B, settled in {:.0} ms",
+                            m.agent_rss_kib_before,
+                            m.agent_rss_kib_after,
+                            m.bpf_map_memlock_bytes_before,
+                            m.bpf_map_memlock_bytes_after,
+                            m.settle_ms
+                        );
+                        samples.endpoints.push(m);
+                    }
+                    Err(e) => {
+                        eprintln!("           FAILED: {e:#}");
+                        samples.errors.push(format!("endpoints memory: {e:#}"));
                     }
                 }
             }

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::datapath::{Control, Plan, Samples};
+use crate::datapath::{Control, EndpointsMemory, Plan, Samples};
 
 /// (metric, unit, higher is better).
 pub const METRICS: [(&str, &str, bool); 10] = [
@@ -87,6 +87,7 @@ pub struct Report {
     pub records: Vec<Record>,
     pub ratios: Vec<Ratio>,
     pub control_plane: Vec<ControlRecord>,
+    pub endpoints_memory: Vec<EndpointsMemory>,
     /// Figures of the other benches (their last JSON in target/bench), null when absent.
     pub other_benches: serde_json::Value,
     pub errors: Vec<String>,
@@ -247,10 +248,11 @@ pub fn build(plan: &Plan, s: &Samples, dir: &Path) -> Report {
         records,
         ratios,
         control_plane,
+        endpoints_memory: s.endpoints.clone(),
         other_benches: other_benches(dir),
         errors: s.errors.clone(),
         not_measured: vec![
-            "agent RSS and map memory at 1,000 real endpoints (the figures here are for the bench clusters' 2 pods per node; the 1,000-endpoint map memory comes from the policy bench's compile figures)",
+            "agent RSS and map memory at 1,000 endpoints use WorkloadEndpoints written to etcd without real pods or interfaces (the BPF agent has no interface to attach to; the policy bench's compile figures give the maps of 1,000 endpoints with distinct policies)",
             "bpf IP-in-IP against the kernel's VXLAN on bare",
             "CPU time of ksoftirqd and of the agents during the traffic",
         ],
@@ -385,6 +387,28 @@ pub fn markdown(r: &Report) -> String {
             opt(c.figures.in_force_ms.map(|v| format!("{v:.0}"))),
             opt(c.figures.agent_rss_kib_max.map(|v| v.to_string())),
             opt(c.figures.bpf_map_memlock_bytes.map(|v| v.to_string())),
+        )
+        .expect("write to a String");
+    }
+    writeln!(
+        m,
+        "\n### Memory with many endpoints\n\nWorkloadEndpoints written straight to etcd for node 3 (no pods, no interfaces), under the rules in force; settled = a marker policy applied with `--wait` after them.\n\n| config | endpoints | rules | agent RSS KiB before → after | BPF maps memlock B before → after | write ms | settled ms |\n|---|---:|---:|---|---|---:|---:|"
+    )
+    .expect("write to a String");
+    let o2 = |v: Option<u64>| v.map_or("–".to_owned(), |v| v.to_string());
+    for e in &r.endpoints_memory {
+        writeln!(
+            m,
+            "| {} | {} | {} | {} → {} | {} → {} | {:.0} | {:.0} |",
+            e.config,
+            e.endpoints,
+            e.rules,
+            o2(e.agent_rss_kib_before),
+            o2(e.agent_rss_kib_after),
+            o2(e.bpf_map_memlock_bytes_before),
+            o2(e.bpf_map_memlock_bytes_after),
+            e.write_ms,
+            e.settle_ms
         )
         .expect("write to a String");
     }
