@@ -236,8 +236,8 @@ fn program(c: &Config, n: usize) -> anyhow::Result<Control> {
 }
 
 /// Writes `count` WorkloadEndpoints for node 3 (no traffic runs there) into etcd, waits until
-/// its agent has taken them (a marker policy applied with `--wait` after them), reads the
-/// agent's RSS and its maps' memlock, then deletes them again.
+/// its agent has taken them (a marker policy applied with `--wait` after them), and reads the
+/// agent's RSS and its maps' memlock.
 fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<EndpointsMemory> {
     use dataplane::datastore::{Datastore, EtcdConfig, WorkloadEndpoint, WorkloadEndpointArgs};
     let node = &c.d.cluster.nodes[2];
@@ -281,7 +281,7 @@ fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<En
         })
         .collect();
     let t0 = std::time::Instant::now();
-    let put = |delete: bool| -> anyhow::Result<()> {
+    let put = || -> anyhow::Result<()> {
         node.ns.run(|| -> anyhow::Result<()> {
             let rt = dataplane::datastore::runtime()?;
             rt.block_on(async {
@@ -291,19 +291,17 @@ fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<En
                 })
                 .await?;
                 for w in &weps {
-                    if delete {
-                        ds.delete(&w.key(), None).await?;
-                    } else {
-                        ds.put_workload_endpoint(w).await?;
-                    }
+                    ds.put_workload_endpoint(w).await?;
                 }
                 anyhow::Ok(())
             })
         })
     };
-    put(false).context("write the endpoints")?;
+    put().context("write the endpoints")?;
     let write_ms = t0.elapsed().as_secs_f64() * 1e3;
     let marker = |version: usize| -> anyhow::Result<f64> {
+        // iptables takes minutes for 1,000 endpoints under 10,000 rules: give up after 2.
+        let timeout = if c.bpf { "300" } else { "120" };
         let dir = tempfile::tempdir()?;
         let f = dir.path().join("marker.json");
         std::fs::write(
@@ -318,7 +316,7 @@ fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<En
             "apply",
             "--wait",
             "--wait-timeout",
-            "300",
+            timeout,
             "-f",
             &f.display().to_string(),
         ]);
@@ -327,12 +325,9 @@ fn endpoints_memory(c: &Config, count: usize, rules: usize) -> anyhow::Result<En
         }
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
-    let settled = marker(1);
+    // Not deleted afterwards: this runs last, and the clusters go away.
+    let settle_ms = marker(1)?;
     let (rss1, mem1) = (rss_kib(agent_pid), memlock());
-    let removed = put(true).context("delete the endpoints");
-    let settle_ms = settled?;
-    removed?;
-    marker(2)?;
     Ok(EndpointsMemory {
         config: c.name.to_owned(),
         node: node.name.clone(),
@@ -544,32 +539,41 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
                 }
             }
         }
-        // With the most rules every configuration takes: memory at many endpoints.
-        if !bpf_only && Some(&n) == plan.rules.last() {
-            for c in active.iter().filter(|c| c.takes_rules && c.same_node) {
+    }
+    // Last, so that an agent still busy with them cannot disturb the traffic measurements:
+    // memory at many endpoints, under the rules each configuration has in force by then.
+    // BPF first: an iptables agent still busy with the endpoints would slow the other.
+    for c in configs
+        .iter()
+        .rev()
+        .filter(|c| c.takes_rules && c.same_node)
+    {
+        let n = counts
+            .iter()
+            .rev()
+            .find(|(_, bpf_only)| c.bpf || !bpf_only)
+            .map_or(0, |x| x.0);
+        eprintln!(
+            "[{:>5.1}s] rules {n}: {} endpoints on {} node 3",
+            t0.elapsed().as_secs_f64(),
+            plan.endpoints,
+            c.name
+        );
+        match endpoints_memory(c, plan.endpoints, n) {
+            Ok(m) => {
                 eprintln!(
-                    "[{:>5.1}s] rules {n}: {} endpoints on {} node 3",
-                    t0.elapsed().as_secs_f64(),
-                    plan.endpoints,
-                    c.name
+                    "           agent RSS {:?} → {:?} KiB, maps {:?} → {:?} B, settled in {:.0} ms",
+                    m.agent_rss_kib_before,
+                    m.agent_rss_kib_after,
+                    m.bpf_map_memlock_bytes_before,
+                    m.bpf_map_memlock_bytes_after,
+                    m.settle_ms
                 );
-                match endpoints_memory(c, plan.endpoints, n) {
-                    Ok(m) => {
-                        eprintln!(
-                            "           agent RSS {:?} → {:?} KiB, maps {:?} → {:?} B, settled in {:.0} ms",
-                            m.agent_rss_kib_before,
-                            m.agent_rss_kib_after,
-                            m.bpf_map_memlock_bytes_before,
-                            m.bpf_map_memlock_bytes_after,
-                            m.settle_ms
-                        );
-                        samples.endpoints.push(m);
-                    }
-                    Err(e) => {
-                        eprintln!("           FAILED: {e:#}");
-                        samples.errors.push(format!("endpoints memory: {e:#}"));
-                    }
-                }
+                samples.endpoints.push(m);
+            }
+            Err(e) => {
+                eprintln!("           FAILED: {e:#}");
+                samples.errors.push(format!("endpoints memory: {e:#}"));
             }
         }
     }
