@@ -125,7 +125,10 @@ fn machine() -> Machine {
     Machine {
         kernel: sh("uname", &["-r"]),
         cpu_model,
-        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        // Not available_parallelism: this thread is pinned to one CPU by then.
+        nproc: std::fs::read_to_string("/proc/cpuinfo").map_or(0, |s| {
+            s.lines().filter(|l| l.starts_with("processor")).count()
+        }),
     }
 }
 
