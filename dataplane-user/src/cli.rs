@@ -106,6 +106,20 @@ pub enum Command {
     },
 }
 
+/// TLS files for etcd (shared by the commands that talk to it).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate to verify etcd's server certificate (TLS).
+    #[arg(long, env = "ETCD_CA_CERT_FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (mutual TLS).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub etcd_key: Option<PathBuf>,
+}
+
 /// How to reach etcd (shared by the commands that talk to it).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
@@ -117,15 +131,8 @@ pub struct EtcdArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
-    /// CA certificate to verify etcd's server certificate (TLS).
-    #[arg(long, env = "ETCD_CA_CERT_FILE")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate for etcd (mutual TLS).
-    #[arg(long, env = "ETCD_CERT_FILE")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd (mutual TLS).
-    #[arg(long, env = "ETCD_KEY_FILE")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -298,15 +305,8 @@ pub struct AgentArgs {
     /// etcd endpoints, comma separated (e.g. http://10.0.0.5:2379).
     #[arg(long, value_delimiter = ',', env = "ETCD_ENDPOINTS")]
     pub etcd_endpoints: Vec<String>,
-    /// CA certificate to verify etcd's server certificate (TLS).
-    #[arg(long, env = "ETCD_CA_CERT_FILE")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate for etcd (mutual TLS).
-    #[arg(long, env = "ETCD_CERT_FILE")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd (mutual TLS).
-    #[arg(long, env = "ETCD_KEY_FILE")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// The node's NIC toward the other nodes.
     #[arg(long, default_value = "eth0")]
     pub host_iface: String,

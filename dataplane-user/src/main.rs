@@ -65,9 +65,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 ct_timeouts: args.ct_timeouts(),
                 node: args.node,
                 etcd_endpoints: args.etcd_endpoints,
-                etcd_ca: args.etcd_ca,
-                etcd_cert: args.etcd_cert,
-                etcd_key: args.etcd_key,
+                etcd_ca: args.tls.etcd_ca,
+                etcd_cert: args.tls.etcd_cert,
+                etcd_key: args.tls.etcd_key,
                 host_iface: args.host_iface,
                 dataplane: args.dataplane,
                 iptables_backend: args.iptables_backend,
@@ -165,9 +165,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 fn etcd_config(args: &EtcdArgs) -> EtcdConfig {
     EtcdConfig {
         endpoints: args.etcd_endpoints.clone(),
-        ca_file: args.etcd_ca.clone(),
-        cert_file: args.etcd_cert.clone(),
-        key_file: args.etcd_key.clone(),
+        ca_file: args.tls.etcd_ca.clone(),
+        cert_file: args.tls.etcd_cert.clone(),
+        key_file: args.tls.etcd_key.clone(),
         timeout: std::time::Duration::from_secs(5),
     }
 }
