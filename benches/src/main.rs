@@ -7,6 +7,7 @@ mod attach;
 mod cni;
 mod datapath;
 mod load;
+mod mapdump;
 mod policy;
 mod report;
 mod sync;
@@ -20,6 +21,8 @@ enum Bench {
     Sync,
     Datapath,
     Policy,
+    /// `map-dump conntrack` of a big table.
+    MapDump,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -48,6 +51,10 @@ struct Args {
     /// 0,100,1000,10000 plus 100000 for bpf only; 0,1000 with --quick).
     #[arg(long, value_delimiter = ',')]
     datapath_rules: Option<Vec<usize>>,
+    /// Conntrack entries the map-dump bench fills and dumps (default 1,000,000, or 50,000
+    /// with --quick).
+    #[arg(long)]
+    ct_entries: Option<u32>,
 }
 
 fn write_report(name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -78,6 +85,12 @@ fn main() -> anyhow::Result<()> {
     }
     if wants(Bench::Policy) {
         write_report("policy", &policy::run(args.quick)?)?;
+    }
+    if wants(Bench::MapDump) {
+        let n = args
+            .ct_entries
+            .unwrap_or(if args.quick { 50_000 } else { 1_000_000 });
+        write_report("map-dump", &mapdump::run(n)?)?;
     }
     // Last: its report quotes the other benches' figures from their JSON.
     if wants(Bench::Datapath) {

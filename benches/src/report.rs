@@ -147,7 +147,12 @@ fn other_benches(dir: &Path) -> serde_json::Value {
     });
     let attach = read("attach-latency");
     let policy = read("policy");
+    let map_dump = read("map-dump");
     serde_json::json!({
+        "map_dump_conntrack": {
+            "entries": map_dump["entries"],
+            "dumps": map_dump["dumps"],
+        },
         "cni_add_dataplane": cni_add.map(|a| serde_json::json!({
             "mode": a["mode"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"]})),
         "cni_add_all_series": cni["series"],
@@ -418,7 +423,7 @@ pub fn markdown(r: &Report) -> String {
     let o = &r.other_benches;
     writeln!(
         m,
-        "\nFrom the other benches' last JSON (target/bench; null when that bench has not run):\n\n- CNI ADD (dataplane plugin): p50 {} ms, p99 {} ms\n- attach latency (veth appears → programs attached): p50 {} µs, p99 {} µs\n- BPF policy maps at {} endpoints and {} rules: memlock {} B (ip) + {} B (port); compile {} ms, write {} ms\n- 10,000-rule policy apply (policy bench): in force {} ms, wall {} ms\n",
+        "\nFrom the other benches' last JSON (target/bench; null when that bench has not run):\n\n- CNI ADD (dataplane plugin): p50 {} ms, p99 {} ms\n- attach latency (veth appears → programs attached): p50 {} µs, p99 {} µs\n- BPF policy maps at {} endpoints and {} rules: memlock {} B (ip) + {} B (port); compile {} ms, write {} ms\n- 10,000-rule policy apply (policy bench): in force {} ms, wall {} ms\n- `map-dump conntrack` of {} entries: table {} ms (peak RSS {} KiB), JSON {} ms (peak RSS {} KiB)\n",
         o["cni_add_dataplane"]["p50_ms"],
         o["cni_add_dataplane"]["p99_ms"],
         o["attach_latency_us"]["p50"],
@@ -431,6 +436,11 @@ pub fn markdown(r: &Report) -> String {
         o["bpf_policy_maps_1k_endpoints_10k_rules"]["write_ms"],
         o["policy_apply_10k_rules"]["in_force_ms"],
         o["policy_apply_10k_rules"]["wall_ms"],
+        o["map_dump_conntrack"]["entries"],
+        o["map_dump_conntrack"]["dumps"][0]["wall_ms"],
+        o["map_dump_conntrack"]["dumps"][0]["max_rss_kib"],
+        o["map_dump_conntrack"]["dumps"][1]["wall_ms"],
+        o["map_dump_conntrack"]["dumps"][1]["max_rss_kib"],
     ).expect("write to a String");
     if !r.errors.is_empty() {
         writeln!(m, "## Errors\n").expect("write to a String");

@@ -18,6 +18,8 @@ pub mod map_names {
     pub const POLICY_PORT_EXACT: &str = "DP_POLICY_PORT_EXACT";
     pub const CONNTRACK: &str = "DP_CONNTRACK";
     pub const FRAGMENTS: &str = "DP_FRAGMENTS";
+    pub const POLICY_HITS: &str = "DP_POLICY_HITS";
+    pub const POLICY_RULES: &str = "DP_POLICY_RULES";
 }
 
 /// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
@@ -33,6 +35,12 @@ pub const MAX_POLICY_IP: u32 = 1 << 20;
 pub const MAX_POLICY_PORT: u32 = 1 << 21;
 /// Most tracked connections per node.
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Most (policy, direction, rule) triples whose decisions are counted at once. Only rules
+/// that decided a packet take an entry; when the map is full, further ones go uncounted.
+pub const MAX_POLICY_HITS: u32 = 1 << 16;
+/// Most rules of all compiled policies together described for inspection (see
+/// [`PolicyRuleMeta`]); rules past it are enforced but shown without their name.
+pub const MAX_POLICY_RULES: u32 = 1 << 18;
 /// Most fragmented datagrams in flight whose first fragment was allowed (LRU).
 pub const MAX_FRAGMENTS: u32 = 1 << 14;
 
@@ -209,6 +217,67 @@ pub struct Verdict {
     pub sport_table: u32,
 }
 const _: () = assert!(size_of::<Verdict>() == 12);
+
+/// Key of the per-CPU policy hit counters: how many packets each rule of a compiled policy
+/// decided, per direction (a compiled policy may serve as one endpoint's ingress and
+/// another's egress). `rule` is the index in the compiled policy, `u32::MAX` for "no rule
+/// matched" (the isolated endpoint's default deny). Value: u64 packets. Counted only where
+/// policy is consulted (a connection's first packet at each end), never for tracked packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyHitKey {
+    pub policy: u32,
+    pub rule: u32,
+    /// 1: the endpoint's egress (from-workload hook); 0: its ingress (to-workload).
+    pub egress: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PolicyHitKey>() == 12);
+
+/// Key of the rule descriptions: (compiled policy id, rule index in it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRuleKey {
+    pub policy: u32,
+    pub rule: u32,
+}
+const _: () = assert!(size_of::<PolicyRuleKey>() == 8);
+
+/// Bytes of [`PolicyRuleMeta::name`].
+pub const POLICY_NAME_LEN: usize = 120;
+
+/// What a compiled rule came from, written by the agent for `map-dump policy` (the programs
+/// never read it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyRuleMeta {
+    /// [`verdict::ALLOW`] or [`verdict::DENY`] (Calico's Pass is an allow).
+    pub action: u8,
+    /// 1: an egress rule; 0: ingress.
+    pub egress: u8,
+    /// 1: the name did not fit and was cut.
+    pub truncated: u8,
+    pub _pad: u8,
+    /// The rule's number within its policy's ingress or egress list (0-based, as in the
+    /// policy's YAML).
+    pub number: u32,
+    /// The policy's name, `namespace/name` or a global policy's name, UTF-8, NUL-padded.
+    pub name: [u8; POLICY_NAME_LEN],
+}
+const _: () = assert!(size_of::<PolicyRuleMeta>() == 128);
+
+impl Default for PolicyRuleMeta {
+    fn default() -> Self {
+        Self {
+            action: 0,
+            egress: 0,
+            truncated: 0,
+            _pad: 0,
+            number: 0,
+            name: [0; POLICY_NAME_LEN],
+        }
+    }
+}
 
 /// Connection tracking: key, states, flags.
 pub mod ct {
@@ -557,4 +626,10 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as for RouteValue.
     unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for PolicyHitKey {}
+    // SAFETY: as for RouteValue.
+    unsafe impl aya::Pod for PolicyRuleKey {}
+    // SAFETY: as for RouteValue (the name is a byte array).
+    unsafe impl aya::Pod for PolicyRuleMeta {}
 }

@@ -147,7 +147,7 @@ pub fn check(
             // Tracked, but approved only by the other end (two pods on this node): this
             // end's policy decides once.
             let peer = if egress { f.daddr } else { f.saddr };
-            if !policy::allows(policy, f, peer) {
+            if !policy::allows(policy, f, peer, egress) {
                 return Outcome::Drop(counter::DROP_POLICY);
             }
             v.flags |= mine;
@@ -167,7 +167,7 @@ pub fn check(
         return Outcome::Tracked;
     }
     let peer = if egress { f.daddr } else { f.saddr };
-    if !policy::allows(policy, f, peer) {
+    if !policy::allows(policy, f, peer, egress) {
         return Outcome::Drop(counter::DROP_POLICY);
     }
     // ICMP errors and RSTs are answers, not connections: let them through untracked.

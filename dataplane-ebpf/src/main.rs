@@ -19,8 +19,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtValue, EndpointValue, FragKey, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES,
-    NodeConfig, NodeValue, PolicyIpKey, PolicyPortKey, RouteValue, Verdict, counter, hook,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP, MAX_POLICY_PORT,
+    MAX_POLICY_RULES, MAX_ROUTES, NodeConfig, NodeValue, PolicyHitKey, PolicyIpKey, PolicyPortKey,
+    PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
@@ -74,6 +75,24 @@ static DP_POLICY_PORT_EXACT: HashMap<
 #[btf_map]
 static DP_POLICY_PORT: LpmTrie<PolicyPortKey, Verdict, { MAX_POLICY_PORT as usize }> =
     LpmTrie::new();
+
+/// Packets each rule of a compiled policy decided, per direction, per CPU (policy is only
+/// consulted for a connection's first packet at each end). Pinned as `DP_POLICY_HITS`;
+/// entries of gone policies are removed by the agent.
+#[btf_map]
+static DP_POLICY_HITS: PerCpuHashMap<PolicyHitKey, u64, { MAX_POLICY_HITS as usize }> =
+    PerCpuHashMap::new();
+
+/// What each compiled rule came from (policy name, rule number, action), for `map-dump
+/// policy`. Written by the agent, never read by the programs: declared here so that it is
+/// created, BTF'd and pinned with the others.
+#[btf_map]
+static DP_POLICY_RULES: HashMap<
+    PolicyRuleKey,
+    PolicyRuleMeta,
+    { MAX_POLICY_RULES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Fragmented datagrams whose first fragment was allowed, per hook (LRU: no sweeping).
 #[btf_map]

@@ -6,12 +6,18 @@
 //! - verdicts: from (policy, class, protocol, port) to the action of the first rule that
 //!   matches, with the most common answer stored once per protocol and class.
 
-use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key};
 use dataplane_common::{
-    POLICY_NONE, PolicyIpKey, PolicyPortKey, Verdict, port_kind, verdict, verdict_flags,
+    POLICY_NONE, PolicyHitKey, PolicyIpKey, PolicyPortKey, Verdict, port_kind, verdict,
+    verdict_flags,
 };
 
-use crate::{DP_POLICY_IP, DP_POLICY_IP_EXACT, DP_POLICY_PORT, DP_POLICY_PORT_EXACT, packet::Flow};
+use crate::{
+    DP_POLICY_HITS, DP_POLICY_IP, DP_POLICY_IP_EXACT, DP_POLICY_PORT, DP_POLICY_PORT_EXACT,
+    packet::Flow,
+};
+
+const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn key(policy: u32, class: u32, proto: u8, kind: u8, port: u16) -> PolicyPortKey {
@@ -46,29 +52,68 @@ fn lookup(policy: u32, class: u32, proto: u8, port: u16) -> Option<Verdict> {
     unsafe { DP_POLICY_PORT_EXACT.get(key(policy, class, 0, port_kind::CLASS, 0)) }.copied()
 }
 
-/// Whether `policy` allows `flow` with `peer` at the other end.
+/// The deciding rule of (class, protocol, ports) in `policy`, `u32::MAX` when none matched,
+/// and whether it allows.
 #[inline(always)]
-pub fn allows(policy: u32, flow: &Flow, peer: [u8; 4]) -> bool {
-    if policy == POLICY_NONE {
-        return true;
-    }
+fn decide(policy: u32, flow: &Flow, peer: [u8; 4]) -> (u32, bool) {
+    const NONE: (u32, bool) = (u32::MAX, false);
     let ip = PolicyIpKey { policy, addr: peer };
     // SAFETY: the value is copied out at once; the map is only written by userspace.
     let class = match unsafe { DP_POLICY_IP_EXACT.get(ip) } {
         Some(c) => *c,
         None => match DP_POLICY_IP.get(&Key::new(64, ip)) {
             Some(c) => *c,
-            None => return false,
+            None => return NONE,
         },
     };
     let Some(mut v) = lookup(policy, class, flow.proto, flow.policy_dport()) else {
-        return false;
+        return NONE;
     };
     if v.sport_table != 0 {
         match lookup(policy, v.sport_table, flow.proto, flow.policy_sport()) {
             Some(s) => v = s,
-            None => return false,
+            None => return NONE,
         }
     }
-    v.action == verdict::ALLOW
+    (v.rule, v.action == verdict::ALLOW)
+}
+
+/// Counts one decision of `rule` of `policy` in this direction (per CPU). A full map skips
+/// the count, never the packet.
+#[inline(always)]
+fn hit(policy: u32, rule: u32, egress: bool) {
+    let key = PolicyHitKey {
+        policy,
+        rule,
+        egress: u8::from(egress),
+        _pad: [0; 3],
+    };
+    if let Some(p) = DP_POLICY_HITS.get_ptr_mut(key) {
+        // SAFETY: a per-CPU value, only touched by this CPU while the program runs.
+        unsafe { *p += 1 };
+        return;
+    }
+    // The first decision of this rule: create the entry (its other CPUs' values start at
+    // zero). Another CPU may have won the race: then count in its entry.
+    match DP_POLICY_HITS.insert(key, 1, u64::from(BPF_NOEXIST)) {
+        Err(e) if e == -EEXIST => {
+            if let Some(p) = DP_POLICY_HITS.get_ptr_mut(key) {
+                // SAFETY: as above.
+                unsafe { *p += 1 };
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether `policy` allows `flow` with `peer` at the other end. `egress`: the endpoint's
+/// egress policy (else its ingress); the decision is counted for the deciding rule.
+#[inline(always)]
+pub fn allows(policy: u32, flow: &Flow, peer: [u8; 4], egress: bool) -> bool {
+    if policy == POLICY_NONE {
+        return true;
+    }
+    let (rule, allow) = decide(policy, flow, peer);
+    hit(policy, rule, egress);
+    allow
 }

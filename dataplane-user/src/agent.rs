@@ -68,6 +68,8 @@ pub struct AgentOptions {
     pub bpffs_dir: PathBuf,
     /// Conntrack timeouts, written to the config map.
     pub ct_timeouts: dataplane_common::CtTimeouts,
+    /// The conntrack map's size when the agent creates it.
+    pub ct_max_entries: u32,
     /// Where `/liveness` and `/readiness` are served (`None`: not served).
     pub health_listen: Option<std::net::SocketAddr>,
     /// Where `/metrics` is served (`None`: not served).
@@ -332,7 +334,7 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let host_ifindex = ifindex_of(&opts.host_iface)
         .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
     let pins = PinDir::open(&opts.bpffs_dir)?;
-    let programs = Programs::load(&pins)?;
+    let programs = Programs::load(&pins, opts.ct_max_entries)?;
     // Datastore settings and the maps are checked before anything is attached.
     let sync_parts = if opts.etcd_endpoints.is_empty() {
         None

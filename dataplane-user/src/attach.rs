@@ -105,7 +105,7 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 13] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
@@ -117,6 +117,8 @@ const PINNED_MAPS: [&str; 11] = [
     map_names::POLICY_PORT_EXACT,
     map_names::CONNTRACK,
     map_names::FRAGMENTS,
+    map_names::POLICY_HITS,
+    map_names::POLICY_RULES,
 ];
 
 /// The programs of one interface, attached through pinned TCX links.
@@ -152,13 +154,15 @@ pub struct Programs {
 
 impl Programs {
     /// Loads the embedded object, reusing the maps already pinned under `pins` (an agent
-    /// restart keeps its state) or creating and pinning them.
-    pub fn load(pins: &PinDir) -> Result<Self, AttachError> {
+    /// restart keeps its state) or creating and pinning them; a conntrack map it creates
+    /// holds `ct_max_entries` connections.
+    pub fn load(pins: &PinDir, ct_max_entries: u32) -> Result<Self, AttachError> {
         let maps_dir = pins.maps_dir();
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
+        loader.map_max_entries(map_names::CONNTRACK, ct_max_entries);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| AttachError::Load(Box::new(e)))?;
@@ -175,6 +179,20 @@ impl Programs {
                 name,
                 source: Box::new(source),
             })?;
+        }
+        // A pinned map is reused as it is: its size is the one it was created with.
+        if let Some(size) = aya::maps::MapData::from_pin(maps_dir.join(map_names::CONNTRACK))
+            .and_then(|m| m.info())
+            .ok()
+            .map(|i| i.max_entries())
+            && size != ct_max_entries
+        {
+            warn!(
+                pinned = size,
+                requested = ct_max_entries,
+                "the conntrack map pinned under the pin directory keeps its size; remove the \
+                 directory (detaching everything) to resize it"
+            );
         }
         Ok(Self {
             ebpf,

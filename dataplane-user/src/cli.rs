@@ -77,6 +77,11 @@ pub enum Command {
     /// Examples:
     ///   dataplane map-dump counters
     ///   dataplane map-dump routes --json
+    ///   dataplane map-dump policy                      # every rule in force, with its hits
+    ///   dataplane map-dump policy default/web --direction in
+    ///   dataplane map-dump policy cali1a2b3c4d5e6 --json
+    ///   dataplane map-dump conntrack --proto tcp --addr 10.65.0.2 --port 80 --state established
+    ///   dataplane map-dump conntrack stats
     ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
     #[command(verbatim_doc_comment)]
     MapDump(MapDumpArgs),
@@ -354,6 +359,12 @@ pub struct AgentArgs {
     /// Conntrack: seconds an idle flow of any other protocol is kept.
     #[arg(long, default_value_t = CtTimeouts::DEFAULT.other, value_name = "SECS")]
     pub ct_other_timeout: u32,
+    /// Conntrack: most connections tracked at once (a full table refuses new connections).
+    /// Applies when the map is created: a map already pinned under --bpffs-dir keeps its size
+    /// (the agent warns); remove the pin directory to resize.
+    #[arg(long, default_value_t = dataplane_common::MAX_CONNTRACK, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub ct_max_entries: u32,
 }
 
 impl AgentArgs {
@@ -397,13 +408,27 @@ pub enum DumpKind {
     Routes,
     /// The endpoints map: this node's pods by host veth, with their policy ids.
     Endpoints,
-    /// The compiled policies: per policy id and address class, the verdict per protocol and
-    /// port block, with the deciding rule.
+    /// The rules in force (policy name, rule number, action) with the packets each decided,
+    /// then per policy id and address class the verdict per protocol and port block, with
+    /// the deciding rule. `policy IFACE|NAMESPACE/POD [--direction in|out]`: one endpoint's.
     Policy,
-    /// Tracked connections: tuple, state, age, packets each way, approvals.
+    /// Tracked connections: tuple, state, age, packets each way, approvals; filtered by
+    /// --proto, --addr, --port, --state. `conntrack stats`: entries by protocol and state,
+    /// expired ones not yet swept, fill against the map's size.
     Conntrack,
     /// Every kind above.
     All,
+}
+
+/// A policy direction, as `map-dump policy --direction` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Direction {
+    /// Ingress: traffic into the pod.
+    #[value(alias = "ingress")]
+    In,
+    /// Egress: traffic from the pod.
+    #[value(alias = "egress")]
+    Out,
 }
 
 #[derive(Debug, clap::Args)]
@@ -411,6 +436,26 @@ pub struct MapDumpArgs {
     /// What to print.
     #[arg(value_enum)]
     pub kind: DumpKind,
+    /// For `policy`: an interface (cali…) or NAMESPACE/POD, to show that endpoint's policy
+    /// only. For `conntrack`: `stats`.
+    #[arg(value_name = "IFACE|POD|stats")]
+    pub target: Option<String>,
+    /// For `policy`: only ingress (in) or egress (out) policy.
+    #[arg(long, value_enum)]
+    pub direction: Option<Direction>,
+    /// For `conntrack`: only this protocol (tcp, udp, icmp, sctp, or a number).
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// For `conntrack`: only connections with this address at either end.
+    #[arg(long, value_name = "IPV4")]
+    pub addr: Option<String>,
+    /// For `conntrack`: only connections with this port at either end.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// For `conntrack`: only connections in this state (syn_sent, syn_recv, established,
+    /// fin_wait, closing, reset, open).
+    #[arg(long)]
+    pub state: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

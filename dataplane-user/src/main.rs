@@ -4,8 +4,8 @@ use clap::Parser as _;
 use dataplane::{
     agent::{self, AgentOptions},
     cli::{
-        Cli, Command, CtlCommand, DumpKind, EtcdArgs, IpamCommand, LogFormat, NodeCommand,
-        OutputFormat, StatusFormat,
+        Cli, Command, CtlCommand, EtcdArgs, IpamCommand, LogFormat, NodeCommand, OutputFormat,
+        StatusFormat,
     },
     ctl,
     datastore::{Datastore, EtcdConfig},
@@ -63,6 +63,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         Command::Agent(args) => {
             let opts = AgentOptions {
                 ct_timeouts: args.ct_timeouts(),
+                ct_max_entries: args.ct_max_entries,
                 node: args.node,
                 etcd_endpoints: args.etcd_endpoints,
                 etcd_ca: args.tls.etcd_ca,
@@ -95,69 +96,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "dataplane", &mut std::io::stdout());
         }
-        Command::MapDump(args) => {
-            let root = &args.bpffs_dir;
-            let json = |v: serde_json::Value| serde_json::to_string_pretty(&v);
-            match (args.kind, args.json) {
-                (DumpKind::Counters, false) => {
-                    print!("{}", dump::counters_table(&dump::counter_rows(root)?))
-                }
-                (DumpKind::Routes, false) => {
-                    print!("{}", dump::routes_table(&dump::route_rows(root)?))
-                }
-                (DumpKind::Endpoints, false) => {
-                    print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?))
-                }
-                (DumpKind::Policy, false) => {
-                    print!("{}", dump::policy_table(&dump::policy_rows(root)?))
-                }
-                (DumpKind::Conntrack, false) => {
-                    print!("{}", dump::conntrack_table(&dump::conntrack_rows(root)?))
-                }
-                (DumpKind::Policy, true) => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&dump::policy_rows(root)?)?
-                ),
-                (DumpKind::Conntrack, true) => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&dump::conntrack_rows(root)?)?
-                ),
-                (DumpKind::All, false) => {
-                    println!("# counters");
-                    print!("{}", dump::counters_table(&dump::counter_rows(root)?));
-                    println!("\n# routes");
-                    print!("{}", dump::routes_table(&dump::route_rows(root)?));
-                    println!("\n# endpoints");
-                    print!("{}", dump::endpoints_table(&dump::endpoint_rows(root)?));
-                    println!("\n# policy");
-                    print!("{}", dump::policy_table(&dump::policy_rows(root)?));
-                    println!("\n# conntrack");
-                    print!("{}", dump::conntrack_table(&dump::conntrack_rows(root)?));
-                }
-                (DumpKind::Counters, true) => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&dump::counter_rows(root)?)?
-                ),
-                (DumpKind::Routes, true) => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&dump::route_rows(root)?)?
-                ),
-                (DumpKind::Endpoints, true) => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&dump::endpoint_rows(root)?)?
-                ),
-                (DumpKind::All, true) => println!(
-                    "{}",
-                    json(serde_json::json!({
-                        "counters": dump::counter_rows(root)?,
-                        "routes": dump::route_rows(root)?,
-                        "endpoints": dump::endpoint_rows(root)?,
-                        "policy": dump::policy_rows(root)?,
-                        "conntrack": dump::conntrack_rows(root)?,
-                    }))?
-                ),
-            }
-        }
+        Command::MapDump(args) => dump::run(&args)?,
     }
     Ok(())
 }

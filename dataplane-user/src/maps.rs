@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
 use dataplane_common::{
-    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, PolicyIpKey,
-    PolicyPortKey, RouteValue, Verdict, counter, map_names,
+    CounterKey, Counters, CtKey, CtTimeouts, CtValue, EndpointValue, NodeConfig, PolicyHitKey,
+    PolicyIpKey, PolicyPortKey, PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter,
+    map_names,
 };
 
 use crate::{bpffs, policy::compile::Tables};
@@ -126,6 +127,29 @@ pub fn write_endpoint(root: &Path, ifindex: u32, ep: EndpointValue) -> Result<()
     map.insert(ifindex, ep, 0).map_err(err)
 }
 
+/// This node's settings as the agent wrote them (`None` while all zero: never written).
+pub fn read_config(root: &Path) -> Result<Option<NodeConfig>, MapsError> {
+    let err = |source| MapsError::Read {
+        name: map_names::CONFIG,
+        source,
+    };
+    let map: Array<MapData, NodeConfig> =
+        Array::try_from(Map::Array(open_pinned(root, map_names::CONFIG)?)).map_err(err)?;
+    let cfg = map.get(&0, 0).map_err(err)?;
+    Ok((cfg != NodeConfig::default()).then_some(cfg))
+}
+
+/// The size the conntrack map under `root` was created with.
+pub fn conntrack_max_entries(root: &Path) -> Result<u32, MapsError> {
+    let info = open_pinned(root, map_names::CONNTRACK)?
+        .info()
+        .map_err(|source| MapsError::Read {
+            name: map_names::CONNTRACK,
+            source,
+        })?;
+    Ok(info.max_entries())
+}
+
 /// The conntrack map pinned under `root`.
 pub fn open_conntrack(root: &Path) -> Result<HashMap<MapData, CtKey, CtValue>, MapsError> {
     HashMap::try_from(Map::HashMap(open_pinned(root, map_names::CONNTRACK)?)).map_err(|source| {
@@ -176,12 +200,15 @@ pub fn sweep_conntrack(root: &Path, timeouts: &CtTimeouts) -> Result<(usize, usi
 }
 
 /// The four policy maps pinned under an agent root: address classes (hash of single
-/// addresses, trie of CIDRs) and verdicts (hash of exact keys, trie of port blocks).
+/// addresses, trie of CIDRs) and verdicts (hash of exact keys, trie of port blocks); and the
+/// two for inspection: what each rule came from, and how many packets each decided.
 pub struct PolicyMaps {
     ip_exact: HashMap<MapData, PolicyIpKey, u32>,
     ip_lpm: LpmTrie<MapData, PolicyIpKey, u32>,
     port_exact: HashMap<MapData, PolicyPortKey, Verdict>,
     port_lpm: LpmTrie<MapData, PolicyPortKey, Verdict>,
+    rules: HashMap<MapData, PolicyRuleKey, PolicyRuleMeta>,
+    hits: PerCpuHashMap<MapData, PolicyHitKey, u64>,
 }
 
 fn not_found_ok(r: Result<(), MapError>) -> Result<(), MapError> {
@@ -209,7 +236,79 @@ impl PolicyMaps {
             .map_err(err(map_names::POLICY_PORT_EXACT))?,
             port_lpm: LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_PORT)?))
                 .map_err(err(map_names::POLICY_PORT))?,
+            rules: open_policy_rules(root)?,
+            hits: open_policy_hits(root)?,
         })
+    }
+
+    /// The keys of the rule descriptions (an agent at start treats them all as orphans).
+    pub fn rule_keys(&self) -> Vec<PolicyRuleKey> {
+        // A key that vanishes during the walk is already gone: nothing to remove.
+        self.rules.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The policy ids that have hit counters.
+    pub fn hit_policies(&self) -> std::collections::BTreeSet<u32> {
+        self.hits
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.policy)
+            .collect()
+    }
+
+    /// Describes each rule of compiled policy `id` (index → meta). Stops at the first
+    /// failure (a full map): the rules after it are enforced but shown without a name.
+    pub fn write_rules(
+        &mut self,
+        id: u32,
+        metas: impl Iterator<Item = PolicyRuleMeta>,
+    ) -> Result<(), MapsError> {
+        for (rule, m) in metas.enumerate() {
+            let key = PolicyRuleKey {
+                policy: id,
+                rule: rule as u32,
+            };
+            self.rules
+                .insert(key, m, 0)
+                .map_err(|source| MapsError::Read {
+                    name: map_names::POLICY_RULES,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes rule descriptions (already gone is fine).
+    pub fn remove_rules(&mut self, keys: &[PolicyRuleKey]) -> Result<(), MapsError> {
+        for k in keys {
+            not_found_ok(self.rules.remove(k)).map_err(|source| MapsError::Read {
+                name: map_names::POLICY_RULES,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the hit counters of every policy id not in `live` (a walk of the counters,
+    /// which hold only the rules that decided something). This also takes the counts a
+    /// packet made under a gone id after its last removal.
+    pub fn remove_hits_except(
+        &mut self,
+        live: &std::collections::BTreeSet<u32>,
+    ) -> Result<usize, MapsError> {
+        let gone: Vec<PolicyHitKey> = self
+            .hits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.policy))
+            .collect();
+        for k in &gone {
+            not_found_ok(self.hits.remove(k)).map_err(|source| MapsError::Read {
+                name: map_names::POLICY_HITS,
+                source,
+            })?;
+        }
+        Ok(gone.len())
     }
 
     /// Everything the maps hold.
@@ -281,6 +380,58 @@ impl PolicyMaps {
         }
         Ok(())
     }
+}
+
+fn open_policy_rules(
+    root: &Path,
+) -> Result<HashMap<MapData, PolicyRuleKey, PolicyRuleMeta>, MapsError> {
+    HashMap::try_from(Map::HashMap(open_pinned(root, map_names::POLICY_RULES)?)).map_err(|source| {
+        MapsError::Read {
+            name: map_names::POLICY_RULES,
+            source,
+        }
+    })
+}
+
+fn open_policy_hits(root: &Path) -> Result<PerCpuHashMap<MapData, PolicyHitKey, u64>, MapsError> {
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(
+        root,
+        map_names::POLICY_HITS,
+    )?))
+    .map_err(|source| MapsError::Read {
+        name: map_names::POLICY_HITS,
+        source,
+    })
+}
+
+/// The rule descriptions under `root`: (policy id, rule index) → meta.
+pub fn read_policy_rules(root: &Path) -> Result<BTreeMap<(u32, u32), PolicyRuleMeta>, MapsError> {
+    let map = open_policy_rules(root)?;
+    let mut out = BTreeMap::new();
+    for e in map.iter() {
+        let (k, v) = e.map_err(|source| MapsError::Read {
+            name: map_names::POLICY_RULES,
+            source,
+        })?;
+        out.insert((k.policy, k.rule), v);
+    }
+    Ok(out)
+}
+
+/// The policy hit counters under `root`, summed over CPUs: (policy id, egress, rule) →
+/// packets decided.
+pub fn read_policy_hits(root: &Path) -> Result<BTreeMap<(u32, bool, u32), u64>, MapsError> {
+    let map = open_policy_hits(root)?;
+    let mut out = BTreeMap::new();
+    for e in map.iter() {
+        let (k, per_cpu) = e.map_err(|source| MapsError::Read {
+            name: map_names::POLICY_HITS,
+            source,
+        })?;
+        let sum = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        out.insert((k.policy, k.egress != 0, k.rule), sum);
+    }
+    Ok(out)
 }
 
 /// Everything the policy maps under `root` hold.

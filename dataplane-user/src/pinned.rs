@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtValue, EndpointValue, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_IP, MAX_POLICY_PORT, MAX_ROUTES, NodeValue,
-    PolicyIpKey, PolicyPortKey, RouteValue, Verdict, map_names,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP, MAX_POLICY_PORT,
+    MAX_POLICY_RULES, MAX_ROUTES, NodeValue, PolicyHitKey, PolicyIpKey, PolicyPortKey,
+    PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, map_names,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,8 @@ pub const FILLED_MAPS: &[(&str, &str, u32)] = &[
         MAX_POLICY_PORT,
     ),
     ("fragments", map_names::FRAGMENTS, MAX_FRAGMENTS),
+    ("policy_hits", map_names::POLICY_HITS, MAX_POLICY_HITS),
+    ("policy_rules", map_names::POLICY_RULES, MAX_POLICY_RULES),
     ("counters", map_names::COUNTERS, MAX_COUNTER_KEYS),
 ];
 
@@ -90,6 +93,12 @@ fn count_entries(root: &Path, pin: &str) -> Result<u64, MapError> {
         map_names::FRAGMENTS => count(
             HashMap::<_, dataplane_common::FragKey, u8>::try_from(Map::LruHashMap(data))?.keys(),
         ),
+        map_names::POLICY_HITS => {
+            count(PerCpuHashMap::<_, PolicyHitKey, u64>::try_from(Map::PerCpuHashMap(data))?.keys())
+        }
+        map_names::POLICY_RULES => {
+            count(HashMap::<_, PolicyRuleKey, PolicyRuleMeta>::try_from(Map::HashMap(data))?.keys())
+        }
         map_names::COUNTERS => count(
             PerCpuHashMap::<_, CounterKey, Counters>::try_from(Map::PerCpuHashMap(data))?.keys(),
         ),

@@ -14,7 +14,8 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
-    EndpointValue, NodeValue, POLICY_NONE, RouteValue, map_names, route_flags, route_kind,
+    EndpointValue, NodeValue, POLICY_NONE, PolicyRuleKey, RouteValue, map_names, route_flags,
+    route_kind,
 };
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
@@ -607,6 +608,8 @@ pub enum SyncError {
 struct Programmed {
     id: u32,
     entries: Tables,
+    /// How many rules it has (its rule descriptions are keyed 0..rules).
+    rules: u32,
 }
 
 /// The maps the sync writes, with what was last written to them.
@@ -624,6 +627,9 @@ pub struct MapWriter {
     orphans: Tables,
     /// Policies no endpoint uses any more, to remove in [`Dataplane::tidy`].
     garbage: Vec<Tables>,
+    /// Their rule descriptions, and their ids (whose hit counters go with them).
+    garbage_rules: Vec<PolicyRuleKey>,
+    garbage_ids: BTreeSet<u32>,
     next_id: u32,
 }
 
@@ -687,16 +693,20 @@ impl MapWriter {
         // Policies compiled by an earlier run are rewritten under new ids (endpoints switch
         // to them one by one), then removed.
         let orphans = policy.read().map_err(|e| SyncError::Policy(Box::new(e)))?;
-        let next_id = orphans
-            .ip_exact
-            .keys()
-            .map(|k| k.policy)
-            .chain(orphans.ip_lpm.keys().map(|(_, k)| k.policy))
-            .chain(orphans.port_exact.keys().map(|k| k.policy))
-            .chain(orphans.port_lpm.keys().map(|(_, k)| k.policy))
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let garbage_rules = policy.rule_keys();
+        let mut garbage_ids: BTreeSet<u32> = policy.hit_policies();
+        garbage_ids.extend(
+            orphans
+                .ip_exact
+                .keys()
+                .map(|k| k.policy)
+                .chain(orphans.ip_lpm.keys().map(|(_, k)| k.policy))
+                .chain(orphans.port_exact.keys().map(|k| k.policy))
+                .chain(orphans.port_lpm.keys().map(|(_, k)| k.policy))
+                .chain(garbage_rules.iter().map(|k| k.policy)),
+        );
+        // New ids start past every id still in a map, so no new policy inherits old counts.
+        let next_id = garbage_ids.last().copied().unwrap_or(0) + 1;
         Ok(Self {
             routes,
             endpoints,
@@ -707,6 +717,8 @@ impl MapWriter {
             programmed: std::collections::HashMap::new(),
             orphans,
             garbage: Vec::new(),
+            garbage_rules,
+            garbage_ids,
             next_id,
         })
     }
@@ -731,10 +743,23 @@ impl MapWriter {
         self.policy
             .write(&entries)
             .map_err(|e| SyncError::Policy(Box::new(e)))?;
+        // The descriptions are for inspection only: a full map is not worth failing over.
+        if let Err(e) = self
+            .policy
+            .write_rules(id, rules.iter().map(CompiledRule::meta))
+        {
+            warn!(policy = id, error = %e, "describe the rules of a compiled policy for map-dump");
+        }
         c.written += entries.len();
         c.compiled += 1;
-        self.programmed
-            .insert(rules.clone(), Programmed { id, entries });
+        self.programmed.insert(
+            rules.clone(),
+            Programmed {
+                id,
+                entries,
+                rules: rules.len() as u32,
+            },
+        );
         Ok(id)
     }
 
@@ -829,6 +854,9 @@ impl MapWriter {
         for k in stale {
             if let Some(p) = self.programmed.remove(&k) {
                 self.garbage.push(p.entries);
+                self.garbage_rules
+                    .extend((0..p.rules).map(|rule| PolicyRuleKey { policy: p.id, rule }));
+                self.garbage_ids.insert(p.id);
             }
         }
         if !self.orphans.is_empty() {
@@ -893,6 +921,18 @@ impl Dataplane for MapWriter {
         let mut c = Changes::default();
         for t in std::mem::take(&mut self.garbage) {
             self.remove_entries(&t, &mut c)?;
+        }
+        let rules = std::mem::take(&mut self.garbage_rules);
+        self.policy
+            .remove_rules(&rules)
+            .map_err(|e| SyncError::Policy(Box::new(e)))?;
+        c.removed += rules.len();
+        if !std::mem::take(&mut self.garbage_ids).is_empty() {
+            let live: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
+            c.removed += self
+                .policy
+                .remove_hits_except(&live)
+                .map_err(|e| SyncError::Policy(Box::new(e)))?;
         }
         Ok(c.removed)
     }

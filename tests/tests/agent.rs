@@ -343,6 +343,20 @@ fn root_bpftool_shows_every_pinned_map_with_field_names() {
         ),
         (map_names::NODES, &["'NodeValue'", "'flags'"][..]),
         (
+            map_names::POLICY_HITS,
+            &["'PolicyHitKey'", "'policy'", "'rule'", "'egress'"][..],
+        ),
+        (
+            map_names::POLICY_RULES,
+            &[
+                "'PolicyRuleKey'",
+                "'PolicyRuleMeta'",
+                "'action'",
+                "'number'",
+                "'name'",
+            ][..],
+        ),
+        (
             map_names::CONFIG,
             &["'NodeConfig'", "'node_ip'", "'host_ifindex'", "'host_mtu'"][..],
         ),

@@ -530,3 +530,298 @@ fn completions_for_each_shell_and_help_with_examples_for_every_subcommand() {
         );
     }
 }
+
+/// `map-dump ARGS…` on node `i` of `d`: (success, stdout, stderr).
+fn map_dump(
+    d: &dataplane_tests::traffic::Deployment,
+    i: usize,
+    args: &[&str],
+) -> (bool, String, String) {
+    let dir = d.pins[i].path.display().to_string();
+    let mut all = vec!["map-dump"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--bpffs-dir", &dir]);
+    let (st, out, err) = dataplane(&d.cluster.nodes[i].ns, &all);
+    (st.success(), out, err)
+}
+
+/// Parses `map-dump … --json` output as `T`, and checks that `T` serializes back to the
+/// same JSON (nothing the tool prints is lost or renamed in the typed form).
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(text: &str) -> T {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(serde_json::to_value(&t).unwrap(), v, "JSON round trip");
+    t
+}
+
+#[test]
+fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
+    use dataplane::dump::{ConntrackRow, ConntrackStats, PolicyDump};
+    use dataplane_tests::traffic::{Deployment, ECHO_PORT, Servers, tcp_probe, udp_echo};
+    require_root();
+    // Pods 0 (client) on node 0, 1 (other) on node 1, 2 (web) on node 2.
+    let d = Deployment::start_with_dataplane("bpf", "CrossSubnet", 1);
+    let _servers: Vec<Servers> = d.pods.iter().map(Servers::start).collect();
+    let mut labels = String::new();
+    for (p, role) in d.pods.iter().zip(["client", "other", "web"]) {
+        labels.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{role: {role}}}}}\nspec: {{containers: [{{name: c}}]}}\n",
+            p.sb.pod
+        ));
+    }
+    d.apply(&labels);
+    d.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: web-in, namespace: default}}\nspec:\n  selector: role == 'web'\n  types: [Ingress]\n  ingress:\n  - {{action: Deny, protocol: UDP}}\n  - {{action: Allow, protocol: TCP, source: {{selector: role == 'client'}}, destination: {{ports: [{ECHO_PORT}]}}}}\n"
+    ));
+    let (web, web_node) = (&d.pods[2], d.pods[2].node);
+    let pod_name = format!("default/{}", web.sb.pod);
+    let policy = |args: &[&str]| -> PolicyDump {
+        let (ok, out, err) = map_dump(&d, web_node, &[&["policy"], args, &["--json"]].concat());
+        assert!(ok, "{err}");
+        round_trip(&out)
+    };
+    let before = policy(&[&pod_name]);
+    let ep = before.endpoint.clone().expect("the selected endpoint");
+    assert_eq!(
+        (ep.pod.as_deref(), ep.ip.as_str()),
+        (Some(pod_name.as_str()), web.ip.to_string().as_str())
+    );
+    assert!(ep.ingress_policy != 0 && ep.egress_policy == 0, "{ep:?}");
+    // The rules as compiled: policy name, rule number, action; then the default.
+    let described: Vec<_> = before
+        .rules
+        .iter()
+        .map(|r| {
+            (
+                r.policy,
+                r.direction.as_str(),
+                r.rule,
+                r.name.as_deref(),
+                r.number,
+                r.action.as_str(),
+            )
+        })
+        .collect();
+    let id = ep.ingress_policy;
+    assert_eq!(
+        described,
+        [
+            (
+                id,
+                "ingress",
+                Some(0),
+                Some("default/web-in"),
+                Some(0),
+                "deny"
+            ),
+            (
+                id,
+                "ingress",
+                Some(1),
+                Some("default/web-in"),
+                Some(1),
+                "allow"
+            ),
+            (id, "ingress", None, None, None, "no-match"),
+        ],
+        "{before:?}"
+    );
+    assert!(before.verdicts.iter().all(|v| v.policy == id) && !before.verdicts.is_empty());
+    let hits = |p: &PolicyDump, rule: Option<u32>| {
+        p.rules
+            .iter()
+            .find(|r| r.rule == rule)
+            .map_or(0, |r| r.hits)
+    };
+
+    // Each new connection from the client is decided once, by rule 1, at the web pod's
+    // ingress: its later packets are tracked and do not consult policy.
+    const CONNECTIONS: u64 = 5;
+    for _ in 0..CONNECTIONS {
+        assert!(tcp_probe(&d.pods[0], web.ip, Duration::from_secs(2)));
+    }
+    assert!(
+        !tcp_probe(&d.pods[1], web.ip, Duration::from_millis(400)),
+        "not a client"
+    );
+    assert!(!udp_echo(&d.pods[0], web.ip), "UDP is denied");
+    let after = policy(&[&ep.iface, "--direction", "in"]);
+    assert_eq!(after.endpoint.as_ref().map(|e| e.ingress_policy), Some(id));
+    assert_eq!(after.direction.as_deref(), Some("ingress"));
+    assert_eq!(
+        hits(&after, Some(1)),
+        hits(&before, Some(1)) + CONNECTIONS,
+        "{after:?}"
+    );
+    assert!(
+        hits(&after, Some(0)) > hits(&before, Some(0)),
+        "UDP denied by rule 0"
+    );
+    assert!(
+        hits(&after, None) > hits(&before, None),
+        "the other pod: no rule matched"
+    );
+    // The table says the same.
+    let (ok, table, err) = map_dump(&d, web_node, &["policy", &pod_name]);
+    assert!(ok, "{err}");
+    let line = table
+        .lines()
+        .find(|l| l.contains("default/web-in") && l.contains("allow"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.ends_with(&format!(" {}", hits(&after, Some(1)))),
+        "{line}\n{table}"
+    );
+    // Egress only: the pod has no egress policy, so no rules.
+    let out = policy(&[&pod_name, "--direction", "out"]);
+    assert!(out.rules.is_empty() && out.verdicts.is_empty(), "{out:?}");
+    // The whole node: the same rules among all.
+    let all = policy(&[]);
+    assert!(
+        all.endpoint.is_none()
+            && all
+                .rules
+                .iter()
+                .any(|r| r.policy == id && r.hits == hits(&after, Some(1)))
+    );
+
+    // Selections that name nothing fail with one line.
+    for (target, want) in [
+        ("default/no-such-pod", "no interface cali"),
+        ("eth0", "not a pod endpoint"),
+        ("a/b/c", "neither an interface name nor namespace/pod"),
+    ] {
+        let (ok, out, err) = map_dump(&d, web_node, &["policy", target]);
+        assert!(
+            !ok && out.is_empty() && err.contains(want) && err.trim().lines().count() == 1,
+            "{target}: {err}"
+        );
+    }
+
+    // Conntrack: a connection held open from the client, found by its port and address,
+    // and nothing else.
+    let (conn, local) = d.pods[0].sb.ns.run(|| {
+        let s = std::net::TcpStream::connect_timeout(
+            &(web.ip, ECHO_PORT).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let port = s.local_addr().unwrap().port();
+        (s, port)
+    });
+    let mut conn = conn;
+    conn.write_all(b"hi").unwrap();
+    let mut buf = [0u8; 2];
+    conn.read_exact(&mut buf).unwrap();
+    let ct = |args: &[&str]| -> Vec<ConntrackRow> {
+        let (ok, out, err) = map_dump(&d, web_node, &[&["conntrack"], args, &["--json"]].concat());
+        assert!(ok, "{err}");
+        round_trip(&out)
+    };
+    let client = d.pods[0].ip.to_string();
+    let port = local.to_string();
+    let found = ct(&[
+        "--proto",
+        "tcp",
+        "--addr",
+        &client,
+        "--port",
+        &port,
+        "--state",
+        "established",
+    ]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (
+            found[0].src.as_str(),
+            found[0].sport,
+            found[0].dst.clone(),
+            found[0].dport
+        ),
+        (client.as_str(), local, web.ip.to_string(), ECHO_PORT)
+    );
+    assert!(ct(&["--proto", "udp", "--port", &port]).is_empty());
+    let everything = ct(&[]);
+    let by_client = ct(&["--addr", &client]);
+    assert!(everything.len() >= by_client.len() && by_client.len() as u64 > CONNECTIONS);
+    assert_eq!(
+        ct(&["--port", &port]).len(),
+        1,
+        "only the held connection uses its port"
+    );
+    assert!(by_client.iter().all(|r| r.src == client || r.dst == client));
+    let (ok, text, err) = map_dump(
+        &d,
+        web_node,
+        &["conntrack", "--port", &port, "--state", "ESTABLISHED"],
+    );
+    assert!(
+        ok && text.contains(&format!("{client}:{local}")) && text.contains(" match"),
+        "{text}{err}"
+    );
+
+    // Stats count what the dump lists.
+    let (ok, out, err) = map_dump(&d, web_node, &["conntrack", "stats", "--json"]);
+    assert!(ok, "{err}");
+    let stats: ConntrackStats = round_trip(&out);
+    let listed = ct(&[]);
+    assert_eq!(stats.entries, listed.len() as u64, "{stats:?}");
+    assert_eq!(
+        stats.max_entries,
+        u64::from(dataplane_common::MAX_CONNTRACK)
+    );
+    let tcp_established = listed
+        .iter()
+        .filter(|r| r.proto == "TCP" && r.state == "ESTABLISHED")
+        .count() as u64;
+    assert_eq!(stats.by_proto["TCP"]["ESTABLISHED"], tcp_established);
+    assert_eq!(
+        stats
+            .by_proto
+            .values()
+            .flat_map(|s| s.values())
+            .sum::<u64>(),
+        stats.entries
+    );
+    assert!(stats.expired <= stats.entries && stats.fill > 0.0);
+    let (ok, text, _) = map_dump(&d, web_node, &["conntrack", "stats"]);
+    assert!(
+        ok && text.contains("ESTABLISHED") && text.contains("expired"),
+        "{text}"
+    );
+    for (args, want) in [
+        (&["conntrack", "--state", "sleepy"][..], "expected one of"),
+        (&["conntrack", "--proto", "tcpx"][..], "expected tcp"),
+        (&["conntrack", "--addr", "10.1"][..], "IPv4"),
+        (&["conntrack", "list"][..], "only word after conntrack"),
+        (
+            &["conntrack", "stats", "--proto", "tcp"][..],
+            "drop the filters",
+        ),
+        (&["routes", "--port", "80"][..], "conntrack only"),
+        (&["routes", "--direction", "in"][..], "policy only"),
+    ] {
+        let (ok, _, err) = map_dump(&d, web_node, args);
+        assert!(
+            !ok && err.contains(want) && err.trim().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+
+    // A policy gone: its rules and hit counts go with its compiled id.
+    let (st, out, err) = d.ctl(&["delete", "networkpolicy", "web-in"]);
+    assert!(st.success(), "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = policy(&[]);
+        if all.rules.iter().all(|r| r.policy != id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy {id} still described: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(conn);
+}

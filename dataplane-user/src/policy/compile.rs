@@ -130,6 +130,40 @@ pub struct CompiledRule {
     pub origin: String,
 }
 
+impl CompiledRule {
+    /// What this rule came from, as the rule descriptions map holds it: the policy name, the
+    /// direction and the rule's number in the policy, parsed from `origin`
+    /// (`<policy> <ingress|egress> #<n>`); an origin of another shape is kept whole as the
+    /// name, with number `u32::MAX`.
+    pub fn meta(&self) -> dataplane_common::PolicyRuleMeta {
+        use dataplane_common::{POLICY_NAME_LEN, PolicyRuleMeta};
+        let parsed = self.origin.rsplit_once(" #").and_then(|(head, n)| {
+            let (name, dir) = head.rsplit_once(' ')?;
+            let egress = match dir {
+                "ingress" => false,
+                "egress" => true,
+                _ => return None,
+            };
+            Some((name, egress, n.parse::<u32>().ok()?))
+        });
+        let (name, egress, number) = parsed.unwrap_or((self.origin.as_str(), false, u32::MAX));
+        let mut m = PolicyRuleMeta {
+            action: self.action,
+            egress: u8::from(egress),
+            number,
+            ..PolicyRuleMeta::default()
+        };
+        // Cut at a character boundary so that what is stored stays UTF-8.
+        let mut len = name.len().min(POLICY_NAME_LEN);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        m.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+        m.truncated = u8::from(len < name.len());
+        m
+    }
+}
+
 /// What the tries must hold for one policy id.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Entries {
@@ -665,6 +699,29 @@ mod tests {
             terms,
             origin: String::new(),
         }
+    }
+
+    #[test]
+    fn rule_meta_names_the_policy_direction_and_number() {
+        let mut r = rule(verdict::DENY, vec![]);
+        r.origin = "prod/knp.default.web egress #12".to_owned();
+        let m = r.meta();
+        let name = |m: &dataplane_common::PolicyRuleMeta| {
+            String::from_utf8(m.name.iter().copied().take_while(|&b| b != 0).collect()).unwrap()
+        };
+        assert_eq!(
+            (name(&m).as_str(), m.egress, m.number, m.action, m.truncated),
+            ("prod/knp.default.web", 1, 12, verdict::DENY, 0)
+        );
+        r.origin = format!("{} ingress #0", "é".repeat(100));
+        let m = r.meta();
+        assert_eq!((m.egress, m.number, m.truncated), (0, 0, 1));
+        assert_eq!(name(&m), "é".repeat(60));
+        r.origin = "odd".to_owned();
+        assert_eq!(
+            (name(&r.meta()).as_str(), r.meta().number),
+            ("odd", u32::MAX)
+        );
     }
 
     /// The reference: first rule with a matching term, straight from the definitions.
