@@ -987,3 +987,90 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
 fn pretty<T: Serialize>(v: &T) -> Result<String, DumpError> {
     serde_json::to_string_pretty(v).map_err(|e| DumpError::Write(e.into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{CtKey, CtValue, ct};
+
+    use super::*;
+
+    fn conn(proto: u8, sport: u16, dport: u16, state: u8) -> (CtKey, CtValue) {
+        let k = CtKey {
+            saddr: [10, 65, 0, 2],
+            daddr: [10, 65, 0, 70],
+            sport: sport.to_be_bytes(),
+            dport: dport.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        };
+        let v = CtValue {
+            state,
+            ..CtValue::default()
+        };
+        (k, v)
+    }
+
+    #[test]
+    fn conntrack_filters_match_either_end_and_parse_names() {
+        let f = CtFilter::parse(
+            Some("TCP"),
+            Some("10.65.0.70"),
+            Some(80),
+            Some("established"),
+        )
+        .unwrap();
+        let (k, v) = conn(6, 40000, 80, ct::ESTABLISHED);
+        assert!(f.matches(&k, &v));
+        // Either end: the reply direction's port and address match too.
+        let (k2, _) = conn(6, 80, 40000, ct::ESTABLISHED);
+        assert!(f.matches(&k2, &v));
+        assert!(!f.matches(
+            &conn(17, 40000, 80, ct::OPEN).0,
+            &conn(17, 0, 0, ct::OPEN).1
+        ));
+        assert!(!f.matches(&conn(6, 40000, 81, ct::ESTABLISHED).0, &v));
+        let syn = conn(6, 40000, 80, ct::SYN_SENT).1;
+        assert!(!f.matches(&k, &syn));
+        assert!(
+            CtFilter::parse(None, None, None, Some("syn-sent"))
+                .unwrap()
+                .matches(&k, &syn)
+        );
+        assert_eq!(
+            CtFilter::parse(Some("132"), None, None, None)
+                .unwrap()
+                .proto,
+            Some(132)
+        );
+        assert!(CtFilter::default().is_empty() && CtFilter::default().matches(&k, &v));
+        for (p, a, s, want) in [
+            (Some("tcpx"), None, None, "expected tcp"),
+            (None, Some("10.1"), None, "IPv4"),
+            (
+                None,
+                None,
+                Some("sleepy"),
+                "syn_sent, syn_recv, established",
+            ),
+        ] {
+            let e = CtFilter::parse(p, a, None, s).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn policy_target_must_be_an_interface_or_namespace_slash_pod() {
+        for t in ["a/b/c", "/pod", "ns/"] {
+            let e = resolve_target(t).unwrap_err().to_string();
+            assert!(e.contains("neither an interface"), "{t}: {e}");
+        }
+        let e = resolve_target("default/no-such-pod")
+            .unwrap_err()
+            .to_string();
+        let iface = crate::cni::netsetup::host_veth_name(Some(("default", "no-such-pod")), "");
+        assert!(
+            e.contains(&iface) && e.contains("pod default/no-such-pod"),
+            "{e}"
+        );
+    }
+}
