@@ -82,6 +82,7 @@ pub enum Command {
     ///   dataplane map-dump policy cali1a2b3c4d5e6 --json
     ///   dataplane map-dump conntrack --proto tcp --addr 10.65.0.2 --port 80 --state established
     ///   dataplane map-dump conntrack stats
+    ///   dataplane map-dump ipsets default/web
     ///   dataplane map-dump all --json --bpffs-dir /sys/fs/bpf/dataplane
     #[command(verbatim_doc_comment)]
     MapDump(MapDumpArgs),
@@ -412,6 +413,10 @@ pub enum DumpKind {
     /// then per policy id and address class the verdict per protocol and port block, with
     /// the deciding rule. `policy IFACE|NAMESPACE/POD [--direction in|out]`: one endpoint's.
     Policy,
+    /// The address sets the compiled policies use (BPF mode: each policy's address classes)
+    /// with their members and the rules that decide for them. `ipsets IFACE|NAMESPACE/POD`:
+    /// one endpoint's. In the iptables mode the kernel's ipsets are the sets: `ipset list`.
+    Ipsets,
     /// Tracked connections: tuple, state, age, packets each way, approvals; filtered by
     /// --proto, --addr, --port, --state. `conntrack stats`: entries by protocol and state,
     /// expired ones not yet swept, fill against the map's size.
@@ -436,8 +441,8 @@ pub struct MapDumpArgs {
     /// What to print.
     #[arg(value_enum)]
     pub kind: DumpKind,
-    /// For `policy`: an interface (cali…) or NAMESPACE/POD, to show that endpoint's policy
-    /// only. For `conntrack`: `stats`.
+    /// For `policy` and `ipsets`: an interface (cali…) or NAMESPACE/POD, to show that
+    /// endpoint's policy only. For `conntrack`: `stats`.
     #[arg(value_name = "IFACE|POD|stats")]
     pub target: Option<String>,
     /// For `policy`: only ingress (in) or egress (out) policy.

@@ -879,6 +879,136 @@ pub fn conntrack_stats_text(s: &ConntrackStats) -> String {
     out
 }
 
+/// A rule that decides for an address class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SetRule {
+    /// Index in the compiled policy.
+    pub rule: u32,
+    pub direction: String,
+    pub name: Option<String>,
+    pub number: Option<u32>,
+    pub action: String,
+}
+
+impl SetRule {
+    /// (policy name, rule number in it).
+    pub fn policy_rule(&self) -> (Option<&str>, Option<u32>) {
+        (self.name.as_deref(), self.number)
+    }
+}
+
+/// One address set of `map-dump ipsets` in the BPF mode: an address class of a compiled
+/// policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AddressSetRow {
+    pub policy: u32,
+    pub class: u32,
+    /// The CIDRs (pods as /32s, resolved from selectors; nets as written) whose longest
+    /// match is this class. `0.0.0.0/0` stands for every address no other member covers.
+    pub members: Vec<String>,
+    /// The rules that decide for some protocol or port of this class; empty: no rule
+    /// matches these peers (the isolated endpoint's default applies).
+    pub rules: Vec<SetRule>,
+}
+
+/// `map-dump ipsets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AddressSetDump {
+    pub endpoint: Option<PolicyEndpoint>,
+    pub sets: Vec<AddressSetRow>,
+}
+
+/// The address sets the compiled policies use (all, or one endpoint's), from the pinned
+/// maps: in the BPF mode these are the address classes of each compiled policy.
+pub fn address_sets(root: &Path, target: Option<&str>) -> Result<AddressSetDump, DumpError> {
+    let d = policy_dump(root, target, None)?;
+    let mut sets: std::collections::BTreeMap<(u32, u32), AddressSetRow> = Default::default();
+    for v in &d.verdicts {
+        // Source-port tables are not address sets.
+        let Ok(class) = v.class.parse::<u32>() else {
+            continue;
+        };
+        let set = sets
+            .entry((v.policy, class))
+            .or_insert_with(|| AddressSetRow {
+                policy: v.policy,
+                class,
+                members: v.peers.clone(),
+                rules: Vec::new(),
+            });
+        let Some(rule) = v.rule else { continue };
+        if set.rules.iter().any(|r| r.rule == rule) {
+            continue;
+        }
+        let described = d
+            .rules
+            .iter()
+            .find(|r| r.policy == v.policy && r.rule == Some(rule));
+        set.rules.push(SetRule {
+            rule,
+            direction: described.map_or("?".to_owned(), |r| r.direction.clone()),
+            name: described.and_then(|r| r.name.clone()),
+            number: described.and_then(|r| r.number),
+            action: described.map_or(v.action.clone(), |r| r.action.clone()),
+        });
+    }
+    let mut sets: Vec<AddressSetRow> = sets.into_values().collect();
+    for s in &mut sets {
+        s.rules.sort_by_key(|r| r.rule);
+    }
+    Ok(AddressSetDump {
+        endpoint: d.endpoint,
+        sets,
+    })
+}
+
+pub fn address_sets_text(d: &AddressSetDump) -> String {
+    let mut out = String::from(
+        "# BPF mode: no kernel ipsets. Each compiled policy splits the peers its rules name\n\
+         # (selectors resolved to pod /32s, nets as written) into address classes, longest\n\
+         # match wins; a class lists the rules that decide for it. iptables mode: `ipset list`.\n",
+    );
+    if let Some(e) = &d.endpoint {
+        out.push_str(&format!(
+            "# endpoint {} ({}): ingress policy {}, egress policy {}\n",
+            e.iface, e.ip, e.ingress_policy, e.egress_policy
+        ));
+    }
+    out.push_str(&format!(
+        "{:>6}  {:>5}  {:<40}  RULES\n",
+        "POLICY", "CLASS", "MEMBERS"
+    ));
+    for s in &d.sets {
+        let members = if s.members.len() > 4 {
+            format!("{} … ({} CIDRs)", s.members[..4].join(" "), s.members.len())
+        } else {
+            s.members.join(" ")
+        };
+        let rules = if s.rules.is_empty() {
+            "(none: no rule matches these peers)".to_owned()
+        } else {
+            s.rules
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} #{} ({})",
+                        r.name.as_deref().unwrap_or("?"),
+                        r.direction,
+                        r.number.map_or("?".to_owned(), |n| n.to_string()),
+                        r.action
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "{:>6}  {:>5}  {:<40}  {}\n",
+            s.policy, s.class, members, rules
+        ));
+    }
+    out
+}
+
 /// `dataplane map-dump`: checks that the arguments fit the kind, then prints.
 pub fn run(args: &crate::cli::MapDumpArgs) -> Result<(), DumpError> {
     match run_to(args, &mut std::io::BufWriter::new(std::io::stdout().lock())) {
@@ -902,7 +1032,7 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
         return usage("--direction applies to `map-dump policy` only");
     }
     let stats = match (kind, args.target.as_deref()) {
-        (DumpKind::Policy, _) | (_, None) => false,
+        (DumpKind::Policy | DumpKind::Ipsets, _) | (_, None) => false,
         (DumpKind::Conntrack, Some("stats")) if !ct_filtered => true,
         (DumpKind::Conntrack, Some("stats")) => {
             return usage("`map-dump conntrack stats` counts the whole table: drop the filters");
@@ -915,8 +1045,8 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
         }
         (_, Some(t)) => {
             return usage(&format!(
-                "`map-dump {}` takes no argument ({t:?}); only `policy IFACE|POD` and \
-                 `conntrack stats` do",
+                "`map-dump {}` takes no argument ({t:?}); only `policy IFACE|POD`, \
+                 `ipsets IFACE|POD` and `conntrack stats` do",
                 format!("{kind:?}").to_ascii_lowercase()
             ));
         }
@@ -930,6 +1060,16 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
             out,
             "{}",
             policy_dump_text(&policy_dump(root, args.target.as_deref(), egress)?)
+        )?,
+        (DumpKind::Ipsets, false) => write!(
+            out,
+            "{}",
+            address_sets_text(&address_sets(root, args.target.as_deref())?)
+        )?,
+        (DumpKind::Ipsets, true) => writeln!(
+            out,
+            "{}",
+            pretty(&address_sets(root, args.target.as_deref())?)?
         )?,
         (DumpKind::Conntrack, false) if stats => {
             write!(out, "{}", conntrack_stats_text(&conntrack_stats(root)?))?
@@ -956,6 +1096,8 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
             write!(out, "{}", endpoints_table(&endpoint_rows(root)?))?;
             writeln!(out, "\n# policy")?;
             write!(out, "{}", policy_dump_text(&policy_dump(root, None, None)?))?;
+            writeln!(out, "\n# ipsets")?;
+            write!(out, "{}", address_sets_text(&address_sets(root, None)?))?;
             writeln!(out, "\n# conntrack")?;
             write_conntrack(root, &CtFilter::default(), false, out)?;
         }
@@ -975,6 +1117,7 @@ fn run_to(args: &crate::cli::MapDumpArgs, out: &mut impl std::io::Write) -> Resu
                 "routes": route_rows(root)?,
                 "endpoints": endpoint_rows(root)?,
                 "policy": policy_dump(root, None, None)?,
+                "ipsets": address_sets(root, None)?,
                 "conntrack": conntrack_rows(root)?,
             }))?
         )?,

@@ -630,6 +630,9 @@ pub struct MapWriter {
     /// Their rule descriptions, and their ids (whose hit counters go with them).
     garbage_rules: Vec<PolicyRuleKey>,
     garbage_ids: BTreeSet<u32>,
+    /// Whether a failure to describe rules was logged at warn level already (a full map
+    /// fails every later policy too: one warning says it).
+    rules_warned: bool,
     next_id: u32,
 }
 
@@ -719,6 +722,7 @@ impl MapWriter {
             garbage: Vec::new(),
             garbage_rules,
             garbage_ids,
+            rules_warned: false,
             next_id,
         })
     }
@@ -748,7 +752,11 @@ impl MapWriter {
             .policy
             .write_rules(id, rules.iter().map(CompiledRule::meta))
         {
-            warn!(policy = id, error = %e, "describe the rules of a compiled policy for map-dump");
+            if std::mem::replace(&mut self.rules_warned, true) {
+                debug!(policy = id, error = %e, "describe the rules of a compiled policy for map-dump");
+            } else {
+                warn!(policy = id, error = %e, "describe the rules of a compiled policy for map-dump (map-dump policy shows the rules past this without their name; further failures are logged at debug level)");
+            }
         }
         c.written += entries.len();
         c.compiled += 1;

@@ -556,7 +556,7 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(text: &str) -> 
 
 #[test]
 fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
-    use dataplane::dump::{ConntrackRow, ConntrackStats, PolicyDump};
+    use dataplane::dump::{AddressSetDump, ConntrackRow, ConntrackStats, PolicyDump};
     use dataplane_tests::traffic::{Deployment, ECHO_PORT, Servers, tcp_probe, udp_echo};
     require_root();
     // Pods 0 (client) on node 0, 1 (other) on node 1, 2 (web) on node 2.
@@ -685,6 +685,40 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
                 .any(|r| r.policy == id && r.hits == hits(&after, Some(1)))
     );
 
+    // The address sets (BPF mode: the compiled policy's address classes): the client's /32
+    // is in a class decided by both rules, the other pod's is not in it.
+    let (ok, out, err) = map_dump(&d, web_node, &["ipsets", &pod_name, "--json"]);
+    assert!(ok, "{err}");
+    let sets: AddressSetDump = round_trip(&out);
+    let member = |i: usize| format!("{}/32", d.pods[i].ip);
+    let client_set = sets
+        .sets
+        .iter()
+        .find(|s| s.members.contains(&member(0)))
+        .unwrap_or_else(|| panic!("no set holds the client: {sets:?}"));
+    let deciding: Vec<_> = client_set
+        .rules
+        .iter()
+        .map(|r| (r.policy_rule(), r.action.as_str()))
+        .collect();
+    assert_eq!(
+        (client_set.policy, deciding),
+        (
+            id,
+            vec![
+                ((Some("default/web-in"), Some(0)), "deny"),
+                ((Some("default/web-in"), Some(1)), "allow")
+            ]
+        ),
+        "{sets:?}"
+    );
+    assert!(!client_set.members.contains(&member(1)), "{sets:?}");
+    let (ok, text, _) = map_dump(&d, web_node, &["ipsets"]);
+    assert!(
+        ok && text.contains(&member(0)) && text.contains("default/web-in ingress #1 (allow)"),
+        "{text}"
+    );
+
     // Selections that name nothing fail with one line.
     for (target, want) in [
         ("default/no-such-pod", "no interface cali"),
@@ -809,8 +843,14 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
             &["conntrack", "stats", "--proto", "tcp"][..],
             "drop the filters",
         ),
-        (&["routes", "--port", "80"][..], "filter `map-dump conntrack` only"),
-        (&["routes", "--direction", "in"][..], "`map-dump policy` only"),
+        (
+            &["routes", "--port", "80"][..],
+            "filter `map-dump conntrack` only",
+        ),
+        (
+            &["routes", "--direction", "in"][..],
+            "`map-dump policy` only",
+        ),
     ] {
         let (ok, _, err) = map_dump(&d, web_node, args);
         assert!(
