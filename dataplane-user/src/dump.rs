@@ -590,10 +590,15 @@ pub fn policy_dump_text(d: &PolicyDump) -> String {
             id(e.egress_policy)
         ));
     }
+    let name = |r: &PolicyRuleRow| match (&r.name, r.rule) {
+        (Some(n), _) => n.clone(),
+        (None, None) => "(no rule matched)".to_owned(),
+        (None, Some(_)) => "?".to_owned(),
+    };
     let width = d
         .rules
         .iter()
-        .filter_map(|r| r.name.as_ref().map(|n| n.chars().count()))
+        .map(|r| name(r).chars().count())
         .max()
         .unwrap_or(0)
         .max(11);
@@ -602,17 +607,12 @@ pub fn policy_dump_text(d: &PolicyDump) -> String {
         "POLICY", "DIR", "RULE", "POLICY-NAME", "#", "ACTION", "HITS"
     ));
     for r in &d.rules {
-        let name = match (&r.name, r.rule) {
-            (Some(n), _) => n.clone(),
-            (None, None) => "(no rule matched)".to_owned(),
-            (None, Some(_)) => "?".to_owned(),
-        };
         out.push_str(&format!(
             "{:>6}  {:<7}  {:>5}  {:<width$}  {:>4}  {:<8}  {:>10}\n",
             r.policy,
             r.direction,
             r.rule.map_or("-".to_owned(), |n| n.to_string()),
-            name,
+            name(r),
             r.number.map_or("-".to_owned(), |n| n.to_string()),
             r.action,
             r.hits

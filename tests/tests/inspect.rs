@@ -664,6 +664,7 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
     // The table says the same.
     let (ok, table, err) = map_dump(&d, web_node, &["policy", &pod_name]);
     assert!(ok, "{err}");
+    println!("map-dump policy {pod_name}:\n{table}");
     let line = table
         .lines()
         .find(|l| l.contains("default/web-in") && l.contains("allow"))
@@ -714,6 +715,7 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
     );
     assert!(!client_set.members.contains(&member(1)), "{sets:?}");
     let (ok, text, _) = map_dump(&d, web_node, &["ipsets"]);
+    println!("map-dump ipsets:\n{text}");
     assert!(
         ok && text.contains(&member(0)) && text.contains("default/web-in ingress #1 (allow)"),
         "{text}"
@@ -830,6 +832,7 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
     );
     assert!(stats.expired <= stats.entries && stats.fill > 0.0);
     let (ok, text, _) = map_dump(&d, web_node, &["conntrack", "stats"]);
+    println!("map-dump conntrack stats:\n{text}");
     assert!(
         ok && text.contains("FIN_WAIT") && text.contains("expired"),
         "{text}"
