@@ -560,7 +560,7 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
     use dataplane_tests::traffic::{Deployment, ECHO_PORT, Servers, tcp_probe, udp_echo};
     require_root();
     // Pods 0 (client) on node 0, 1 (other) on node 1, 2 (web) on node 2.
-    let d = Deployment::start_with_dataplane("bpf", "CrossSubnet", 1);
+    let mut d = Deployment::start_with_dataplane("bpf", "CrossSubnet", 1);
     let _servers: Vec<Servers> = d.pods.iter().map(Servers::start).collect();
     let mut labels = String::new();
     for (p, role) in d.pods.iter().zip(["client", "other", "web"]) {
@@ -862,18 +862,63 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
         );
     }
 
+    // With the agent stopped, the pins alone answer: the same rules and counts.
+    let seen = policy(&[&pod_name]);
+    let pod_ip = web.ip;
+    assert!(
+        d.agents[web_node]
+            .process
+            .stop(Duration::from_secs(5))
+            .is_some()
+    );
+    let policy = |d: &Deployment, args: &[&str]| -> PolicyDump {
+        let (ok, out, err) = map_dump(d, web_node, &[&["policy"][..], args, &["--json"]].concat());
+        assert!(ok, "{err}");
+        round_trip(&out)
+    };
+    assert_eq!(policy(&d, &[&pod_name]), seen);
+    // A restarted agent recompiles under new ids; the old id's descriptions and counts go.
+    let agent = Agent::start(
+        &d.cluster.nodes[web_node],
+        &d.pins[web_node],
+        d.cluster.etcd.as_ref(),
+        &[],
+    );
+    d.agents[web_node] = agent;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_id = loop {
+        let now = policy(&d, &[&pod_name]);
+        let current = now.endpoint.as_ref().map_or(0, |e| e.ingress_policy);
+        let all = policy(&d, &[]);
+        if current != id && current != 0 && all.rules.iter().all(|r| r.policy != id) {
+            let fresh: Vec<_> = now.rules.iter().map(|r| (r.rule, r.hits)).collect();
+            assert_eq!(fresh, [(Some(0), 0), (Some(1), 0), (None, 0)], "{now:?}");
+            break current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy {id} not replaced after a restart: {all:?}\n{}",
+            d.agents[web_node].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Traffic still counts under the new id.
+    assert!(tcp_probe(&d.pods[0], pod_ip, Duration::from_secs(2)));
+    let now = policy(&d, &[&pod_name]);
+    assert_eq!(hits(&now, Some(1)), 1, "{now:?}");
+
     // A policy gone: its rules and hit counts go with its compiled id.
     let (st, out, err) = d.ctl(&["delete", "networkpolicy", "web-in"]);
     assert!(st.success(), "{out}{err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let all = policy(&[]);
-        if all.rules.iter().all(|r| r.policy != id) {
+        let all = policy(&d, &[]);
+        if all.rules.iter().all(|r| r.policy != new_id) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "policy {id} still described: {all:?}"
+            "policy {new_id} still described: {all:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
