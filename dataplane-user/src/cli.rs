@@ -68,6 +68,8 @@ pub enum Command {
     ///       --log-format json --log-level info,dataplane::sync=debug
     ///   curl -s localhost:9099/readiness; curl -s localhost:9091/metrics
     ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 \
+    ///       --ct-max-entries 1048576 --ct-tcp-established-timeout 7200
+    ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 \
     ///       --dataplane iptables --iptables-backend legacy
     ///   iptables-legacy-save -t filter | grep cali-; ipset list -n; ip route show proto 80
     #[command(verbatim_doc_comment)]

@@ -924,3 +924,54 @@ fn root_map_dump_shows_rule_hits_one_endpoint_and_filtered_conntrack() {
     }
     drop(conn);
 }
+
+#[test]
+fn root_agent_sizes_the_conntrack_map_it_creates_and_keeps_a_pinned_one() {
+    use dataplane::dump::ConntrackStats;
+    require_root();
+    let cluster = Cluster::new(&[1], false);
+    let node = &cluster.nodes[0];
+    let pins = PinDirGuard::new();
+    let dir = pins.path.display().to_string();
+    let stats = || -> ConntrackStats {
+        let (st, out, err) = dataplane(
+            &node.ns,
+            &[
+                "map-dump",
+                "conntrack",
+                "stats",
+                "--json",
+                "--bpffs-dir",
+                &dir,
+            ],
+        );
+        assert!(st.success(), "{err}");
+        round_trip(&out)
+    };
+    let mut agent = Agent::start(node, &pins, None, &["--ct-max-entries", "1000"]);
+    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    let s = stats();
+    assert_eq!((s.entries, s.max_entries, s.expired), (0, 1000, 0), "{s:?}");
+    // A restart asking for another size keeps the pinned map (and its connections), and says so.
+    agent.process.stop(Duration::from_secs(5));
+    let mut agent = Agent::start(node, &pins, None, &["--ct-max-entries", "5000"]);
+    wait_attached(&node.ns, "eth0", &mut agent, ATTACH_TIMEOUT);
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    while !agent.log_text().contains("keeps its size") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stats().max_entries, 1000);
+    // Bad sizes are refused by the parser.
+    for bad in ["0", "70000000", "lots"] {
+        let (st, _, err) = dataplane(&node.ns, &["agent", "--node", "n", "--ct-max-entries", bad]);
+        assert!(
+            !st.success() && err.contains("--ct-max-entries"),
+            "{bad}: {err}"
+        );
+    }
+}
