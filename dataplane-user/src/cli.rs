@@ -92,6 +92,21 @@ pub enum Command {
     ///   dataplane ctl node status -o json
     #[command(verbatim_doc_comment)]
     Ctl(CtlArgs),
+    /// Remove everything the agent installed on this node, for an uninstall: its TCX links
+    /// (the programs come off every interface), pinned maps and pin directory, and in the
+    /// iptables mode its cali- chains, the jumps to them, its cali- ipsets and its routes
+    /// (protocol 80).
+    ///
+    /// Run it in the node's network namespace with the agent stopped (a running agent's pin
+    /// directory is refused). Pods keep their veths and routes: their traffic goes back to
+    /// plain kernel routing, with no policy. Running it again removes nothing and says so.
+    ///
+    /// Examples:
+    ///   dataplane cleanup
+    ///   dataplane cleanup --bpffs-dir /sys/fs/bpf/dataplane
+    ///   kubectl -n kube-system delete ds dataplane && dataplane cleanup   # on each node
+    #[command(verbatim_doc_comment)]
+    Cleanup(CleanupArgs),
     /// Print a shell completion script.
     ///
     /// Examples:
@@ -414,6 +429,13 @@ pub struct MapDumpArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The agent's pin directory.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
     /// The agent's pin directory.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,

@@ -91,6 +91,22 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 .build()?;
             rt.block_on(run_ctl(&args.etcd, args.command))?;
         }
+        Command::Cleanup(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut removed = dataplane::cleanup::Removed::default();
+            // The BPF part first: it refuses a running agent before anything is touched.
+            dataplane::cleanup::remove_bpf(&args.bpffs_dir, &mut removed)?;
+            rt.block_on(dataplane::cleanup::remove_iptables(
+                &[
+                    dataplane::iptables::Backend::Nft,
+                    dataplane::iptables::Backend::Legacy,
+                ],
+                &mut removed,
+            ))?;
+            println!("{}", removed.summary());
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "dataplane", &mut std::io::stdout());

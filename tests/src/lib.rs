@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod load;
 pub mod netns;
 pub mod netpol;
 pub mod packets;
