@@ -23,6 +23,9 @@ pub const PROGRAM_NAMES: [&str; 4] = [
     "host_egress",
 ];
 
+/// How long the programs may take to come off once their pins are gone.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
     #[error(
@@ -154,7 +157,8 @@ pub fn remove_bpf(root: &Path, removed: &mut Removed) -> Result<(), CleanupError
     for pin in entries(&pins.links_dir())? {
         if remove_file(&pin)? {
             removed.links += 1;
-            if let Some((_, iface)) = pin
+            // `<ifindex>-<ifname>-<ingress|egress>`, as the agent names them.
+            if let Some((iface, _)) = pin
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.split_once('-'))
@@ -175,11 +179,19 @@ pub fn remove_bpf(root: &Path, removed: &mut Removed) -> Result<(), CleanupError
     })?;
     removed.pin_dir = Some(root.to_owned());
     drop(pins);
-    let left = attached_programs_of_ours();
-    if !left.is_empty() {
-        return Err(CleanupError::StillAttached(left.join(", ")));
+    // The kernel releases a link whose last pin went from a work queue (bpf_link_put), so the
+    // programs come off a moment later.
+    let deadline = std::time::Instant::now() + DETACH_WAIT;
+    loop {
+        let left = attached_programs_of_ours();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CleanupError::StillAttached(left.join(", ")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// `iface ingress: from_workload`-style descriptions of our programs still attached to the

@@ -20,7 +20,7 @@ spec:
   selector: role == 'shut'
   types: [Ingress]
   ingress:
-  - action: Deny
+  - {action: Deny, source: {nets: [10.65.0.0/16]}}
 ";
 
 fn label_pod_1(d: &Deployment) {

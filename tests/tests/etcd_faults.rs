@@ -26,6 +26,18 @@ fn deny_port(name: &str, port: u16) -> String {
     )
 }
 
+/// Allows everything not denied by an earlier policy.
+const ALLOW_ALL: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-all}
+spec:
+  order: 100
+  selector: all()
+  types: [Ingress]
+  ingress:
+  - action: Allow
+";
+
 /// `dataplane ctl apply -f` (no wait) of `yaml`.
 fn apply_no_wait(d: &Deployment, yaml: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -146,6 +158,12 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
         totals.violations
     );
     totals.assert_clean("etcd outage");
+    // The agents picked their watches up where they were, without listing everything again.
+    for (i, a) in d.agents.iter().enumerate() {
+        let log = a.log_text();
+        assert!(log.contains("resuming the watch"), "node-{}:\n{log}", i + 1);
+        assert_eq!(log.matches("in sync with etcd").count(), 1, "node-{}:\n{log}", i + 1);
+    }
     assert!(
         converged < Duration::from_secs(2),
         "the change took {converged:?} to be in force everywhere"
@@ -224,7 +242,7 @@ fn root_a_node_cut_off_while_etcd_compacts_lists_again_and_converges() {
     let servers: Vec<LoadServer> = d.pods.iter().map(|p| LoadServer::start(&p.sb.ns)).collect();
     let (client, target) = (&d.pods[0], d.pods[2].ip);
     let open = |port| echo_ok(&client.sb.ns, target, port, Duration::from_millis(300));
-    d.apply(&deny_port("before-cut", PROBE_PORT));
+    d.apply(&format!("{ALLOW_ALL}---\n{}", deny_port("before-cut", PROBE_PORT)));
     assert!(!open(PROBE_PORT) && open(EXTRA_PORT));
     let lists = d.agents[2].log_text().matches("in sync with etcd").count();
 
