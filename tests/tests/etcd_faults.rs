@@ -11,12 +11,15 @@ use std::{
 };
 
 use dataplane_tests::{
-    cluster::ETCD_IP,
+    Agent, Cluster, PinDirGuard,
+    cluster::{ETCD_IP, EtcdCluster},
+    dataplane,
     cni::{Sandbox, cni, dataplane_conf},
     load::{EXTRA_PORT, LoadServer, PROBE_PORT, echo_ok, soak, start_load, start_under_policy},
     netns::{output, run},
     require_root,
     traffic::Deployment,
+    wait_ready,
 };
 
 /// Denies TCP to `port` everywhere, ahead of the allow-all policy.
@@ -272,4 +275,86 @@ fn root_a_node_cut_off_while_etcd_compacts_lists_again_and_converges() {
     }
     eprintln!("cut off during a compaction: node-3 listed again {relisted:?} after reconnecting");
     drop(servers);
+}
+
+/// Whether node `i`'s routes map has a row for `cidr`.
+fn has_route(cluster: &Cluster, pins: &[PinDirGuard], i: usize, cidr: &str) -> bool {
+    let dir = pins[i].path.display().to_string();
+    let (_, out, _) = dataplane(
+        &cluster.nodes[i].ns,
+        &["map-dump", "routes", "--json", "--bpffs-dir", &dir],
+    );
+    let rows: Vec<dataplane::dump::RouteRow> = serde_json::from_str(&out).unwrap_or_default();
+    rows.iter().any(|r| r.cidr == cidr)
+}
+
+#[test]
+fn root_a_three_member_etcd_losing_any_one_member_keeps_agents_and_ctl_in_sync() {
+    require_root();
+    let cluster = Cluster::new(&[1, 1, 2], false);
+    let mut etcd = EtcdCluster::start(&cluster.fabric, 3);
+    let endpoints = etcd.endpoints();
+    let pins: Vec<PinDirGuard> = cluster.nodes.iter().map(|_| PinDirGuard::new()).collect();
+    let mut agents: Vec<Agent> = cluster
+        .nodes
+        .iter()
+        .zip(&pins)
+        .map(|(n, p)| Agent::start(n, p, None, &["--etcd-endpoints", &endpoints]))
+        .collect();
+    for (n, a) in cluster.nodes.iter().zip(agents.iter_mut()) {
+        wait_ready(n, a, Duration::from_secs(30));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // ctl with every member's endpoint; --wait: in force on the three nodes.
+    let apply_pool = |cidr: &str| -> (String, Duration) {
+        let f = dir.path().join("pool.yaml");
+        let name = format!("pool-{}", cidr.replace(['.', '/'], "-"));
+        std::fs::write(
+            &f,
+            format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}, ipipMode: Always}}\n"),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let (st, out, err) = dataplane(
+            &cluster.nodes[0].ns,
+            &["ctl", "--etcd-endpoints", &endpoints, "apply", "--wait", "-f", &f.display().to_string()],
+        );
+        assert!(st.success(), "apply {cidr}: {out}{err}");
+        (out, started.elapsed())
+    };
+    let in_maps = |cidr: &str, agents: &[Agent]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 0..cluster.nodes.len() {
+            while !has_route(&cluster, &pins, i, cidr) {
+                assert!(
+                    Instant::now() < deadline,
+                    "node-{}: no route for {cidr}:\n{}",
+                    i + 1,
+                    agents[i].log_text()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let (out, _) = apply_pool("10.70.0.0/16");
+    assert!(out.contains("in force on 3 nodes"), "{out}");
+    in_maps("10.70.0.0/16", &agents);
+    let mut figures = Vec::new();
+    for k in 0..etcd.members.len() {
+        etcd.members[k].process.stop(Duration::from_secs(5));
+        let cidr = format!("10.{}.0.0/16", 71 + k);
+        let (out, took) = apply_pool(&cidr);
+        assert!(out.contains("in force on 3 nodes"), "member {k} down: {out}");
+        in_maps(&cidr, &agents);
+        figures.push(format!("etcd{k} down: in force on 3 nodes {took:?} after ctl started"));
+        etcd.members[k].restart();
+    }
+    // Every node still carries every pool: nothing was missed along the way.
+    for k in 0..4 {
+        in_maps(&format!("10.{}.0.0/16", 70 + k), &agents);
+    }
+    for a in &mut agents {
+        assert!(a.process.exited().is_none(), "{}", a.log_text());
+    }
+    eprintln!("3-member etcd: {}", figures.join("; "));
 }
