@@ -55,6 +55,47 @@ fn settle(d: &Deployment, expected: &BTreeSet<PodId>) -> dataplane_tests::checke
     }
 }
 
+/// The checker is not blind: a stray handle in etcd, a stray veth and a stray endpoint
+/// entry in a map are each reported (and removed again).
+fn checker_sees_leaks(d: &Deployment, expected: &BTreeSet<PodId>) {
+    let etcd = d.cluster.etcd.as_ref().unwrap();
+    let etcdctl = |args: &[&str]| {
+        dataplane_tests::netns::run(
+            etcd.ns
+                .command("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &etcd.endpoint()])
+                .args(args),
+        )
+    };
+    let found = |what: &str| {
+        let problems = check(&d.cluster, &d.pins, expected).expect_err(what);
+        assert!(problems.iter().any(|p| p.contains(what)), "{what}: {problems:?}");
+    };
+    let handle = "/calico/ipam/v2/handle/k8s-pod-network.stray";
+    etcdctl(&["put", handle, r#"{"handleID":"k8s-pod-network.stray","block":{"10.65.0.0/26":1}}"#]);
+    found("leaked handle");
+    etcdctl(&["del", handle]);
+    let node = &d.cluster.nodes[0];
+    node.ns.ip(&["link", "add", "calistray0", "type", "veth", "peer", "name", "stray1"]);
+    found("leaked veth");
+    node.ns.ip(&["link", "del", "calistray0"]);
+    let ifindex = node.ns.ifindex("lo");
+    dataplane::maps::write_endpoint(&d.pins[0].path, ifindex, Default::default()).unwrap();
+    found("endpoints map");
+    let pin = d.pins[0]
+        .path
+        .join("maps")
+        .join(dataplane_common::map_names::ENDPOINTS);
+    let mut endpoints: aya::maps::HashMap<_, u32, dataplane_common::EndpointValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(&pin).unwrap(),
+        ))
+        .unwrap();
+    endpoints.remove(&ifindex).unwrap();
+    check(&d.cluster, &d.pins, expected).unwrap();
+}
+
 #[test]
 fn root_pod_churn_with_agent_and_etcd_restarts_leaks_nothing() {
     require_root();
@@ -142,6 +183,7 @@ fn root_pod_churn_with_agent_and_etcd_restarts_leaks_nothing() {
     let census = settle(&d, &expected);
     assert_eq!(census.endpoints, live.len());
     assert_eq!(census.allocations, live.len());
+    checker_sees_leaks(&d, &expected);
     // Everything goes: nothing at all may be left.
     for (node, sb) in live.values() {
         cni(&d.cluster.nodes[*node], &d.plugins, "DEL", sb, &confs[*node]).ok();
