@@ -369,6 +369,15 @@ pub struct AgentArgs {
     /// Conntrack: seconds an idle flow of any other protocol is kept.
     #[arg(long, default_value_t = CtTimeouts::DEFAULT.other, value_name = "SECS")]
     pub ct_other_timeout: u32,
+    /// Conntrack table size (entries). Changing it on a restart remakes the table and
+    /// carries every tracked connection over.
+    #[arg(
+        long,
+        value_name = "ENTRIES",
+        default_value_t = dataplane_common::MAX_CONNTRACK,
+        value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
+    )]
+    pub conntrack_size: u32,
 }
 
 impl AgentArgs {

@@ -20,6 +20,7 @@ pub mod dump;
 pub mod health;
 pub mod ipam;
 pub mod iptables;
+pub mod layout;
 pub mod maps;
 pub mod metrics;
 pub mod netlink;

@@ -75,6 +75,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 health_listen: args.health_listen.0,
                 metrics_listen: args.metrics_listen.0,
                 readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
+                conntrack_size: args.conntrack_size,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {

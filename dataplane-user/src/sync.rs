@@ -985,6 +985,22 @@ async fn list_and_program<D: Dataplane>(
     Ok(Resume { model, revision })
 }
 
+/// One full list programmed into `writer`, without reporting it (the agent fills remade
+/// maps this way before attaching; its sync then finds them in step). Returns the revision.
+pub async fn prefill<D: Dataplane>(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut D,
+) -> Result<i64, SyncError> {
+    let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
+    let mut model = Model::default();
+    for e in &entries {
+        model.apply(&e.key, Some(&e.value));
+    }
+    writer.program(&model, me).await?;
+    Ok(revision)
+}
+
 /// Follows the watch from `programmed + 1`, applying each batch to `model` and the maps.
 async fn follow<D: Dataplane>(
     ds: &Datastore,

@@ -256,12 +256,18 @@ impl Load {
     /// Starts a `kind` loop from a pod namespace `from` toward `to` (its port follows from
     /// the kind).
     pub fn spawn(&mut self, name: &str, kind: Kind, from: &Netns, to: Ipv4Addr) {
-        let stats = Arc::new(Stats::default());
         let port = match kind {
             Kind::Rr | Kind::Crr => RR_PORT,
             Kind::Stream => STREAM_PORT,
             Kind::DeniedProbe => PROBE_PORT,
         };
+        self.spawn_to_port(name, kind, from, to, port);
+    }
+
+    /// The same toward another port of the load servers (their echo ports: [`RR_PORT`],
+    /// [`PROBE_PORT`], [`EXTRA_PORT`]).
+    pub fn spawn_to_port(&mut self, name: &str, kind: Kind, from: &Netns, to: Ipv4Addr, port: u16) {
+        let stats = Arc::new(Stats::default());
         let addr = SocketAddr::from((to, port));
         let (stop, s, timeout, pace) = (
             self.stop.clone(),

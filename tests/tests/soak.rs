@@ -15,7 +15,7 @@ use std::{
 
 use dataplane_tests::{
     Agent, Netns,
-    load::{PROBE_PORT, echo_ok, soak, start_load, start_under_policy},
+    load::{EXTRA_PORT, Kind, PROBE_PORT, echo_ok, soak, start_load, start_under_policy},
     require_root,
     traffic::Deployment,
     wait_ready,
@@ -188,8 +188,101 @@ fn root_agent_restarts_under_load_lose_nothing() {
         }
         assert_one_program_per_hook(&d, i);
     }
+    // Plain restarts reuse every pinned map as it is.
+    for a in &d.agents {
+        assert!(!a.log_text().contains("map layout changed"), "{}", a.log_text());
+    }
     // And they still enforce: the probe port stays shut, the rest open.
     let probe_from = &d.pods[0];
     assert!(!echo_ok(&probe_from.sb.ns, d.pods[5].ip, PROBE_PORT, Duration::from_millis(500)));
+    drop(servers);
+}
+
+/// The conntrack table's size as pinned on node `i`.
+fn conntrack_entries_limit(d: &Deployment, i: usize) -> u32 {
+    let pin = d.pins[i]
+        .path
+        .join("maps")
+        .join(dataplane_common::map_names::CONNTRACK);
+    aya::maps::MapData::from_pin(pin)
+        .unwrap()
+        .info()
+        .unwrap()
+        .max_entries()
+}
+
+#[test]
+fn root_a_conntrack_resize_on_restart_migrates_flows_under_load() {
+    require_root();
+    let (mut d, servers) = start_under_policy();
+    let mut load = start_load(&d);
+    // Connections that only conntrack keeps alive: established, then their port denied to
+    // new connections. Were the table's entries lost, their next packets would be judged as
+    // new ones, and dropped.
+    let pairs = [(0, 1, "same node"), (0, 2, "cross node"), (3, 4, "cross subnet")];
+    for (from, to, what) in pairs {
+        load.spawn_to_port(
+            &format!("rr kept by conntrack, {what}"),
+            Kind::Rr,
+            &d.pods[from].sb.ns,
+            d.pods[to].ip,
+            EXTRA_PORT,
+        );
+    }
+    load.wait_flowing(20, Duration::from_secs(10));
+    d.apply(&format!(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: no-new-{EXTRA_PORT}}}\nspec:\n  order: 10\n  selector: all()\n  types: [Ingress]\n  ingress:\n  - {{action: Deny, protocol: TCP, destination: {{ports: [{EXTRA_PORT}]}}}}\n"
+    ));
+    assert!(!echo_ok(&d.pods[0].sb.ns, d.pods[2].ip, EXTRA_PORT, Duration::from_millis(500)));
+    let default = dataplane_common::MAX_CONNTRACK;
+    let mut figures = Vec::new();
+    // Two layout changes on every node: a smaller table, then back to the default one.
+    for size in [default / 2, default] {
+        for i in 0..3 {
+            let node = &d.cluster.nodes[i];
+            let tracked = dataplane::pinned::map_fill(&d.pins[i].path)
+                .into_iter()
+                .find(|f| f.map == "conntrack")
+                .and_then(|f| f.entries)
+                .unwrap_or(0);
+            let status = d.agents[i].process.stop(Duration::from_secs(10));
+            assert!(status.is_some_and(|s| s.success()));
+            let started = Instant::now();
+            let flag = size.to_string();
+            d.agents[i] = Agent::start(
+                node,
+                &d.pins[i],
+                d.cluster.etcd.as_ref(),
+                &["--conntrack-size", &flag],
+            );
+            wait_ready(node, &mut d.agents[i], Duration::from_secs(30));
+            let log = d.agents[i].log_text();
+            assert!(
+                log.contains("map migrated to its new layout") && log.contains("DP_CONNTRACK"),
+                "{log}"
+            );
+            assert_eq!(conntrack_entries_limit(&d, i), size);
+            assert_one_program_per_hook(&d, i);
+            figures.push(format!(
+                "node-{} to {size} entries ({tracked} tracked) ready in {:?}",
+                i + 1,
+                started.elapsed()
+            ));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let totals = load.finish();
+    eprintln!(
+        "conntrack resized twice on each node under load: {}; {} requests, {} failed, {} \
+         resets, max gap {:?}; {} denied probes, {} got through",
+        figures.join(", "),
+        totals.requests,
+        totals.failed,
+        totals.resets,
+        totals.max_gap,
+        totals.probes,
+        totals.violations
+    );
+    totals.assert_clean("conntrack resize");
     drop(servers);
 }
