@@ -357,7 +357,10 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         loop {
             match crate::sync::prefill(ds, &opts.node, writer).await {
                 Ok(revision) => {
-                    info!(revision, "remade maps filled before the programs are swapped in");
+                    info!(
+                        revision,
+                        "remade maps filled before the programs are swapped in"
+                    );
                     break;
                 }
                 Err(e) => {

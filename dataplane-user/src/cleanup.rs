@@ -228,12 +228,13 @@ pub async fn remove_iptables(
     removed: &mut Removed,
 ) -> Result<(), CleanupError> {
     for &backend in backends {
-        let (chains, jumps) = crate::iptables::remove_ours(backend)
-            .await
-            .map_err(|e| CleanupError::Iptables {
-                backend: backend.name(),
-                source: Box::new(e),
-            })?;
+        let (chains, jumps) =
+            crate::iptables::remove_ours(backend)
+                .await
+                .map_err(|e| CleanupError::Iptables {
+                    backend: backend.name(),
+                    source: Box::new(e),
+                })?;
         removed.chains.push((backend.name(), chains, jumps));
     }
     let (ipsets, routes) = crate::iptables::remove_sets_and_routes()

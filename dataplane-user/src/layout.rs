@@ -30,7 +30,10 @@ pub enum LayoutError {
     #[error("map {0} is missing from the eBPF object")]
     Missing(&'static str),
     #[error("read the layout of pinned map {path}: {source}")]
-    Info { path: PathBuf, source: Box<MapError> },
+    Info {
+        path: PathBuf,
+        source: Box<MapError>,
+    },
     #[error("set aside pinned map {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -237,7 +240,10 @@ impl CatchUp {
         match copied {
             Ok(n) => {
                 if n > 0 {
-                    info!(entries = n, "conntrack entries made during the swap carried over");
+                    info!(
+                        entries = n,
+                        "conntrack entries made during the swap carried over"
+                    );
                 }
                 n
             }
@@ -293,7 +299,11 @@ pub fn migrate(maps_dir: &Path, changed: Changed) -> Result<(Report, CatchUp), L
             map: name,
             source: Box::new(e),
         })?;
-        info!(map = name, entries = copied, "map migrated to its new layout");
+        info!(
+            map = name,
+            entries = copied,
+            "map migrated to its new layout"
+        );
         report.migrated.push((name, copied));
     }
     Ok((report, catch_up))

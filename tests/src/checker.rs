@@ -24,11 +24,13 @@ const WEPS: &str = "/calico/resources/v3/projectcalico.org/workloadendpoints/";
 /// one-line JSON, so etcdctl's key line / value line output splits cleanly).
 pub fn etcd_get_prefix(cluster: &Cluster, prefix: &str) -> BTreeMap<String, String> {
     let etcd = cluster.etcd.as_ref().expect("a cluster with etcd");
-    let out = run(etcd
-        .ns
-        .command("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoint(), "get", "--prefix", prefix]));
+    let out = run(etcd.ns.command("etcdctl").env("ETCDCTL_API", "3").args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "get",
+        "--prefix",
+        prefix,
+    ]));
     let lines: Vec<&str> = out.lines().collect();
     lines
         .chunks(2)
@@ -87,7 +89,9 @@ pub fn check(
             let ip = Ipv4Addr::from(u32::from(block.cidr.network()) + ordinal as u32);
             match slot {
                 None if !free.contains(&ordinal) => {
-                    problems.push(format!("{key}: {ip} is neither allocated nor free (leaked)"));
+                    problems.push(format!(
+                        "{key}: {ip} is neither allocated nor free (leaked)"
+                    ));
                 }
                 Some(_) if free.contains(&ordinal) => {
                     problems.push(format!("{key}: {ip} is allocated and free"));
@@ -132,7 +136,9 @@ pub fn check(
     }
     for (id, n) in &per_handle {
         if !handles.contains_key(id) {
-            problems.push(format!("{n} addresses held by handle {id:?}, which does not exist"));
+            problems.push(format!(
+                "{n} addresses held by handle {id:?}, which does not exist"
+            ));
         }
     }
 
@@ -151,7 +157,11 @@ pub fn check(
         let ns = w.metadata.namespace.clone().unwrap_or_default();
         pods.insert((ns.clone(), w.spec.pod.clone()));
         for net in &w.spec.ip_networks {
-            let Some(ip) = net.split('/').next().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = net
+                .split('/')
+                .next()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
                 problems.push(format!("{ns}/{}: address {net:?}", w.spec.pod));
                 continue;
             };
@@ -170,10 +180,14 @@ pub fn check(
         }
     }
     for ip in allocated.keys().filter(|ip| !wep_ips.contains_key(ip)) {
-        problems.push(format!("{ip} is allocated to no endpoint (leaked allocation)"));
+        problems.push(format!(
+            "{ip} is allocated to no endpoint (leaked allocation)"
+        ));
     }
     for p in pods.difference(expected) {
-        problems.push(format!("endpoint of {p:?}, which should not exist (leaked endpoint)"));
+        problems.push(format!(
+            "endpoint of {p:?}, which should not exist (leaked endpoint)"
+        ));
     }
     for p in expected.difference(&pods) {
         problems.push(format!("no endpoint for {p:?}"));
@@ -185,7 +199,14 @@ pub fn check(
             .iter()
             .filter(|w| w.spec.node == node.name)
             .filter_map(|w| {
-                let ip = w.spec.ip_networks.first()?.split('/').next()?.parse().ok()?;
+                let ip = w
+                    .spec
+                    .ip_networks
+                    .first()?
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()?;
                 Some((w.spec.interface_name.clone(), ip))
             })
             .collect();
@@ -202,7 +223,10 @@ pub fn check(
         census.veths += veths.len();
         let want: BTreeSet<String> = local.keys().cloned().collect();
         for v in veths.difference(&want) {
-            problems.push(format!("{}: veth {v} belongs to no endpoint (leaked veth)", node.name));
+            problems.push(format!(
+                "{}: veth {v} belongs to no endpoint (leaked veth)",
+                node.name
+            ));
         }
         for v in want.difference(&veths) {
             problems.push(format!("{}: endpoint's veth {v} is missing", node.name));
@@ -211,8 +235,10 @@ pub fn check(
             .into_iter()
             .filter_map(|r| Some((r.dev.filter(|d| d.starts_with("cali"))?, r.dst)))
             .collect();
-        let want_routes: BTreeSet<(String, String)> =
-            local.iter().map(|(v, ip)| (v.clone(), ip.to_string())).collect();
+        let want_routes: BTreeSet<(String, String)> = local
+            .iter()
+            .map(|(v, ip)| (v.clone(), ip.to_string()))
+            .collect();
         if routes != want_routes {
             problems.push(format!(
                 "{}: pod routes {routes:?}, endpoints want {want_routes:?}",
@@ -222,17 +248,18 @@ pub fn check(
         let Some(pin) = pins.get(i) else { continue };
         let dump = |kind: &str| {
             let dir = pin.path.display().to_string();
-            dataplane(
-                &node.ns,
-                &["map-dump", kind, "--json", "--bpffs-dir", &dir],
-            )
-            .1
+            dataplane(&node.ns, &["map-dump", kind, "--json", "--bpffs-dir", &dir]).1
         };
         let eps: Vec<EndpointRow> = serde_json::from_str(&dump("endpoints")).unwrap_or_default();
         census.map_endpoints += eps.len();
         let have: BTreeSet<(String, String)> = eps
             .iter()
-            .map(|e| (e.iface.clone().unwrap_or_else(|| format!("#{}", e.ifindex)), e.ip.clone()))
+            .map(|e| {
+                (
+                    e.iface.clone().unwrap_or_else(|| format!("#{}", e.ifindex)),
+                    e.ip.clone(),
+                )
+            })
             .collect();
         if have != want_routes {
             problems.push(format!(

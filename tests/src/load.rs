@@ -269,12 +269,7 @@ impl Load {
     pub fn spawn_to_port(&mut self, name: &str, kind: Kind, from: &Netns, to: Ipv4Addr, port: u16) {
         let stats = Arc::new(Stats::default());
         let addr = SocketAddr::from((to, port));
-        let (stop, s, timeout, pace) = (
-            self.stop.clone(),
-            stats.clone(),
-            self.timeout,
-            self.pace,
-        );
+        let (stop, s, timeout, pace) = (self.stop.clone(), stats.clone(), self.timeout, self.pace);
         let t = spawn_in(from, name, move || match kind {
             Kind::Rr => rr_loop(addr, &stop, &s, timeout, pace, true),
             Kind::Crr => rr_loop(addr, &stop, &s, timeout, pace, false),
@@ -441,9 +436,8 @@ fn rr_loop(
         let result = (|| -> Result<(), (bool, String)> {
             let c = match conn.as_mut() {
                 Some(c) => c,
-                None => conn.insert(
-                    connect(addr, timeout).map_err(|e| (false, format!("connect: {e}")))?,
-                ),
+                None => conn
+                    .insert(connect(addr, timeout).map_err(|e| (false, format!("connect: {e}")))?),
             };
             let mut req = [0u8; REQUEST];
             req[..8].copy_from_slice(&seq.to_be_bytes());
@@ -619,4 +613,3 @@ pub fn start_load(d: &Deployment) -> Load {
     load.wait_flowing(20, Duration::from_secs(10));
     load
 }
-

@@ -70,14 +70,30 @@ fn checker_sees_leaks(d: &Deployment, expected: &BTreeSet<PodId>) {
     };
     let found = |what: &str| {
         let problems = check(&d.cluster, &d.pins, expected).expect_err(what);
-        assert!(problems.iter().any(|p| p.contains(what)), "{what}: {problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains(what)),
+            "{what}: {problems:?}"
+        );
     };
     let handle = "/calico/ipam/v2/handle/k8s-pod-network.stray";
-    etcdctl(&["put", handle, r#"{"handleID":"k8s-pod-network.stray","block":{"10.65.0.0/26":1}}"#]);
+    etcdctl(&[
+        "put",
+        handle,
+        r#"{"handleID":"k8s-pod-network.stray","block":{"10.65.0.0/26":1}}"#,
+    ]);
     found("leaked handle");
     etcdctl(&["del", handle]);
     let node = &d.cluster.nodes[0];
-    node.ns.ip(&["link", "add", "calistray0", "type", "veth", "peer", "name", "stray1"]);
+    node.ns.ip(&[
+        "link",
+        "add",
+        "calistray0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stray1",
+    ]);
     found("leaked veth");
     node.ns.ip(&["link", "del", "calistray0"]);
     let ifindex = node.ns.ifindex("lo");
@@ -166,11 +182,24 @@ fn root_pod_churn_with_agent_and_etcd_restarts_leaks_nothing() {
             assert_eq!(out.err_code(), 11, "{out:?}");
             let victim = live.keys().next().cloned().expect("a live pod");
             let (vnode, vsb) = live.remove(&victim).unwrap();
-            let out = cni(&d.cluster.nodes[vnode], &d.plugins, "DEL", &vsb, &confs[vnode]);
+            let out = cni(
+                &d.cluster.nodes[vnode],
+                &d.plugins,
+                "DEL",
+                &vsb,
+                &confs[vnode],
+            );
             assert_eq!(out.err_code(), 11, "{out:?}");
             d.cluster.etcd.as_mut().unwrap().restart();
             cni(&d.cluster.nodes[node], &d.plugins, "ADD", &sb, &confs[node]).ok();
-            cni(&d.cluster.nodes[vnode], &d.plugins, "DEL", &vsb, &confs[vnode]).ok();
+            cni(
+                &d.cluster.nodes[vnode],
+                &d.plugins,
+                "DEL",
+                &vsb,
+                &confs[vnode],
+            )
+            .ok();
             live.insert(name, (node, sb));
             retries += 2;
         }
@@ -186,11 +215,24 @@ fn root_pod_churn_with_agent_and_etcd_restarts_leaks_nothing() {
     checker_sees_leaks(&d, &expected);
     // Everything goes: nothing at all may be left.
     for (node, sb) in live.values() {
-        cni(&d.cluster.nodes[*node], &d.plugins, "DEL", sb, &confs[*node]).ok();
+        cni(
+            &d.cluster.nodes[*node],
+            &d.plugins,
+            "DEL",
+            sb,
+            &confs[*node],
+        )
+        .ok();
     }
     let empty = settle(&d, &BTreeSet::new());
     assert_eq!(
-        (empty.allocations, empty.handles, empty.endpoints, empty.veths, empty.map_endpoints),
+        (
+            empty.allocations,
+            empty.handles,
+            empty.endpoints,
+            empty.veths,
+            empty.map_endpoints
+        ),
         (0, 0, 0, 0, 0)
     );
     eprintln!(

@@ -45,10 +45,7 @@ fn veths(d: &Deployment, i: usize) -> Vec<String> {
 
 fn cleanup(d: &Deployment, i: usize) -> (bool, String, String) {
     let dir = d.pins[i].path.display().to_string();
-    let (st, out, err) = dataplane(
-        &d.cluster.nodes[i].ns,
-        &["cleanup", "--bpffs-dir", &dir],
-    );
+    let (st, out, err) = dataplane(&d.cluster.nodes[i].ns, &["cleanup", "--bpffs-dir", &dir]);
     (st.success(), out, err)
 }
 
@@ -90,8 +87,11 @@ fn root_cleanup_removes_programs_maps_and_pins_and_pods_fall_back_to_the_kernel(
     let (ok, out, err) = cleanup(&d, 0);
     assert!(ok, "{err}");
     assert!(
-        out.contains(&format!("removed {} TCX links on {} interfaces", 2 * ifaces.len(), ifaces.len()))
-            && out.contains("11 maps"),
+        out.contains(&format!(
+            "removed {} TCX links on {} interfaces",
+            2 * ifaces.len(),
+            ifaces.len()
+        )) && out.contains("11 maps"),
         "{out}"
     );
     for iface in &ifaces {
@@ -101,10 +101,17 @@ fn root_cleanup_removes_programs_maps_and_pins_and_pods_fall_back_to_the_kernel(
             "{iface} still has programs"
         );
     }
-    assert!(node.ns.run(dataplane::cleanup::attached_programs_of_ours).is_empty());
+    assert!(
+        node.ns
+            .run(dataplane::cleanup::attached_programs_of_ours)
+            .is_empty()
+    );
     assert!(!d.pins[0].path.exists(), "the pin directory is gone");
     // The kernel routes pod traffic now, and enforces no policy.
-    assert!(tcp(a, b), "pods on node-1 reach each other through kernel routing");
+    assert!(
+        tcp(a, b),
+        "pods on node-1 reach each other through kernel routing"
+    );
     // The other nodes are untouched.
     assert!(d.pins[1].path.join("maps").exists());
     assert_eq!(tcx_programs(&d.cluster.nodes[1].ns, "eth0").0.len(), 1);
@@ -137,14 +144,24 @@ fn root_cleanup_removes_iptables_chains_sets_and_routes() {
         out.contains("cali- chains") && out.contains("ipsets") && out.contains("protocol 80"),
         "{out}"
     );
-    assert!(cali_rules(&node.ns, "nft").is_empty(), "{:?}", cali_rules(&node.ns, "nft"));
+    assert!(
+        cali_rules(&node.ns, "nft").is_empty(),
+        "{:?}",
+        cali_rules(&node.ns, "nft")
+    );
     assert!(cali_rules(&node.ns, "legacy").is_empty());
     assert!(cali_sets(&node.ns).is_empty());
     assert!(agent_routes(&node.ns).is_empty());
     // The CNI plugin's pod routes stay.
     let pod_routes = |r: &str| r.lines().filter(|l| l.contains("cali")).count();
-    assert_eq!(pod_routes(&node.ns.ip(&["route", "show"])), pod_routes(&routes_before));
-    assert!(tcp_probe(a, b.ip, Duration::from_millis(500)), "no policy any more");
+    assert_eq!(
+        pod_routes(&node.ns.ip(&["route", "show"])),
+        pod_routes(&routes_before)
+    );
+    assert!(
+        tcp_probe(a, b.ip, Duration::from_millis(500)),
+        "no policy any more"
+    );
 
     let (ok, out, err) = cleanup(&d, 0);
     assert!(ok, "{err}");

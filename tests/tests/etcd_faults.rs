@@ -6,15 +6,13 @@
 //!
 //! The outage lasts 12 s by default, 60 s with `DATAPLANE_SOAK=1`.
 
-use std::{
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use dataplane_tests::{
     Agent, Cluster, PinDirGuard,
     cluster::{ETCD_IP, EtcdCluster},
-    dataplane,
     cni::{Sandbox, cni, dataplane_conf},
+    dataplane,
     load::{EXTRA_PORT, LoadServer, PROBE_PORT, echo_ok, soak, start_load, start_under_policy},
     netns::{output, run},
     require_root,
@@ -80,9 +78,14 @@ fn time_until_open(d: &Deployment, port: u16, since: Instant, timeout: Duration)
 }
 
 fn shut_everywhere(d: &Deployment, port: u16) -> bool {
-    PROBES
-        .iter()
-        .all(|&(from, to)| !echo_ok(&d.pods[from].sb.ns, d.pods[to].ip, port, Duration::from_millis(300)))
+    PROBES.iter().all(|&(from, to)| {
+        !echo_ok(
+            &d.pods[from].sb.ns,
+            d.pods[to].ip,
+            port,
+            Duration::from_millis(300),
+        )
+    })
 }
 
 #[test]
@@ -165,7 +168,12 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
     for (i, a) in d.agents.iter().enumerate() {
         let log = a.log_text();
         assert!(log.contains("resuming the watch"), "node-{}:\n{log}", i + 1);
-        assert_eq!(log.matches("in sync with etcd").count(), 1, "node-{}:\n{log}", i + 1);
+        assert_eq!(
+            log.matches("in sync with etcd").count(),
+            1,
+            "node-{}:\n{log}",
+            i + 1
+        );
     }
     assert!(
         converged < Duration::from_secs(2),
@@ -206,7 +214,19 @@ fn etcdctl(d: &Deployment, args: &[&str]) -> String {
 }
 
 fn etcd_revision(d: &Deployment) -> i64 {
-    let out = etcdctl(d, &["get", "/calico/", "--prefix", "--keys-only", "--limit", "1", "-w", "json"]);
+    let out = etcdctl(
+        d,
+        &[
+            "get",
+            "/calico/",
+            "--prefix",
+            "--keys-only",
+            "--limit",
+            "1",
+            "-w",
+            "json",
+        ],
+    );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["header"]["revision"].as_i64().unwrap()
 }
@@ -217,7 +237,10 @@ fn cut_off(d: &Deployment, i: usize, on: bool) {
     let op = if on { "-I" } else { "-D" };
     let etcd = ETCD_IP.to_string();
     for (chain, dir) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
-        let out = output(ns.command("iptables").args([op, chain, dir, &etcd, "-j", "DROP"]));
+        let out = output(
+            ns.command("iptables")
+                .args([op, chain, dir, &etcd, "-j", "DROP"]),
+        );
         assert!(out.status.success(), "iptables {op} {chain}: {out:?}");
     }
 }
@@ -245,13 +268,22 @@ fn root_a_node_cut_off_while_etcd_compacts_lists_again_and_converges() {
     let servers: Vec<LoadServer> = d.pods.iter().map(|p| LoadServer::start(&p.sb.ns)).collect();
     let (client, target) = (&d.pods[0], d.pods[2].ip);
     let open = |port| echo_ok(&client.sb.ns, target, port, Duration::from_millis(300));
-    d.apply(&format!("{ALLOW_ALL}---\n{}", deny_port("before-cut", PROBE_PORT)));
+    d.apply(&format!(
+        "{ALLOW_ALL}---\n{}",
+        deny_port("before-cut", PROBE_PORT)
+    ));
     assert!(!open(PROBE_PORT) && open(EXTRA_PORT));
     let lists = d.agents[2].log_text().matches("in sync with etcd").count();
 
     cut_off(&d, 2, true);
     // The agent notices through its status refresh (a partition resets nothing).
-    wait_log(&d, 2, "datastore sync interrupted", 1, Duration::from_secs(30));
+    wait_log(
+        &d,
+        2,
+        "datastore sync interrupted",
+        1,
+        Duration::from_secs(30),
+    );
     let (st, out, err) = d.ctl(&["delete", "globalnetworkpolicy", "before-cut"]);
     assert!(st.success(), "{out}{err}");
     apply_no_wait(&d, &deny_port("while-cut", EXTRA_PORT));
@@ -262,7 +294,13 @@ fn root_a_node_cut_off_while_etcd_compacts_lists_again_and_converges() {
 
     cut_off(&d, 2, false);
     let back = Instant::now();
-    wait_log(&d, 2, "in sync with etcd", lists + 1, Duration::from_secs(30));
+    wait_log(
+        &d,
+        2,
+        "in sync with etcd",
+        lists + 1,
+        Duration::from_secs(30),
+    );
     let relisted = back.elapsed();
     let log = d.agents[2].log_text();
     assert!(log.contains("compacted at revision"), "{log}");
@@ -317,7 +355,15 @@ fn root_a_three_member_etcd_losing_any_one_member_keeps_agents_and_ctl_in_sync()
         let started = Instant::now();
         let (st, out, err) = dataplane(
             &cluster.nodes[0].ns,
-            &["ctl", "--etcd-endpoints", &endpoints, "apply", "--wait", "-f", &f.display().to_string()],
+            &[
+                "ctl",
+                "--etcd-endpoints",
+                &endpoints,
+                "apply",
+                "--wait",
+                "-f",
+                &f.display().to_string(),
+            ],
         );
         assert!(st.success(), "apply {cidr}: {out}{err}");
         (out, started.elapsed())
@@ -344,9 +390,14 @@ fn root_a_three_member_etcd_losing_any_one_member_keeps_agents_and_ctl_in_sync()
         etcd.members[k].process.stop(Duration::from_secs(5));
         let cidr = format!("10.{}.0.0/16", 71 + k);
         let (out, took) = apply_pool(&cidr);
-        assert!(out.contains("in force on 3 nodes"), "member {k} down: {out}");
+        assert!(
+            out.contains("in force on 3 nodes"),
+            "member {k} down: {out}"
+        );
         in_maps(&cidr, &agents);
-        figures.push(format!("etcd{k} down: in force on 3 nodes {took:?} after ctl started"));
+        figures.push(format!(
+            "etcd{k} down: in force on 3 nodes {took:?} after ctl started"
+        ));
         etcd.members[k].restart();
     }
     // Every node still carries every pool: nothing was missed along the way.

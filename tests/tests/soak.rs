@@ -38,7 +38,8 @@ fn program_ids(ns: &Netns, iface: &str) -> (Vec<u32>, Vec<u32>) {
 /// Every interface the agent of node `i` attaches to, with one program per hook.
 fn assert_one_program_per_hook(d: &Deployment, i: usize) {
     let node = &d.cluster.nodes[i];
-    let links: serde_json::Value = serde_json::from_str(&node.ns.ip(&["-j", "link", "show"])).unwrap();
+    let links: serde_json::Value =
+        serde_json::from_str(&node.ns.ip(&["-j", "link", "show"])).unwrap();
     let mut ifaces: Vec<String> = links
         .as_array()
         .unwrap()
@@ -137,7 +138,11 @@ fn root_agent_restarts_under_load_lose_nothing() {
         assert_ne!(old, new, "the restarted agent swapped its programs in");
         assert_one_program_per_hook(&d, i);
         took.push(t);
-        eprintln!("restart {}/{restarts}: node-{} {how:?}, ready in {t:?}", k + 1, i + 1);
+        eprintln!(
+            "restart {}/{restarts}: node-{} {how:?}, ready in {t:?}",
+            k + 1,
+            i + 1
+        );
         // Load keeps flowing between restarts.
         std::thread::sleep(Duration::from_millis(800));
     }
@@ -190,11 +195,20 @@ fn root_agent_restarts_under_load_lose_nothing() {
     }
     // Plain restarts reuse every pinned map as it is.
     for a in &d.agents {
-        assert!(!a.log_text().contains("map layout changed"), "{}", a.log_text());
+        assert!(
+            !a.log_text().contains("map layout changed"),
+            "{}",
+            a.log_text()
+        );
     }
     // And they still enforce: the probe port stays shut, the rest open.
     let probe_from = &d.pods[0];
-    assert!(!echo_ok(&probe_from.sb.ns, d.pods[5].ip, PROBE_PORT, Duration::from_millis(500)));
+    assert!(!echo_ok(
+        &probe_from.sb.ns,
+        d.pods[5].ip,
+        PROBE_PORT,
+        Duration::from_millis(500)
+    ));
     drop(servers);
 }
 
@@ -219,7 +233,11 @@ fn root_a_conntrack_resize_on_restart_migrates_flows_under_load() {
     // Connections that only conntrack keeps alive: established, then their port denied to
     // new connections. Were the table's entries lost, their next packets would be judged as
     // new ones, and dropped.
-    let pairs = [(0, 1, "same node"), (0, 2, "cross node"), (3, 4, "cross subnet")];
+    let pairs = [
+        (0, 1, "same node"),
+        (0, 2, "cross node"),
+        (3, 4, "cross subnet"),
+    ];
     for (from, to, what) in pairs {
         load.spawn_to_port(
             &format!("rr kept by conntrack, {what}"),
@@ -233,7 +251,12 @@ fn root_a_conntrack_resize_on_restart_migrates_flows_under_load() {
     d.apply(&format!(
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: no-new-{EXTRA_PORT}}}\nspec:\n  order: 10\n  selector: all()\n  types: [Ingress]\n  ingress:\n  - {{action: Deny, protocol: TCP, destination: {{ports: [{EXTRA_PORT}]}}}}\n"
     ));
-    assert!(!echo_ok(&d.pods[0].sb.ns, d.pods[2].ip, EXTRA_PORT, Duration::from_millis(500)));
+    assert!(!echo_ok(
+        &d.pods[0].sb.ns,
+        d.pods[2].ip,
+        EXTRA_PORT,
+        Duration::from_millis(500)
+    ));
     let default = dataplane_common::MAX_CONNTRACK;
     let mut figures = Vec::new();
     // Two layout changes on every node: a smaller table, then back to the default one.

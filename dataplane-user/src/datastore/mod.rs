@@ -461,21 +461,19 @@ impl Datastore {
         let endpoints = cfg.endpoints.join(",");
         let mut clients = Vec::with_capacity(cfg.endpoints.len());
         for endpoint in &cfg.endpoints {
-            let client = tokio::time::timeout(
-                cfg.timeout,
-                Client::connect([endpoint], Some(opts.clone())),
-            )
-            .await
-            .map_err(|_| DatastoreError::Timeout {
-                op: "connect to",
-                key: "etcd".to_owned(),
-                endpoints: endpoints.clone(),
-                timeout: cfg.timeout,
-            })?
-            .map_err(|error| DatastoreError::Connect {
-                endpoints: endpoints.clone(),
-                error,
-            })?;
+            let client =
+                tokio::time::timeout(cfg.timeout, Client::connect([endpoint], Some(opts.clone())))
+                    .await
+                    .map_err(|_| DatastoreError::Timeout {
+                        op: "connect to",
+                        key: "etcd".to_owned(),
+                        endpoints: endpoints.clone(),
+                        timeout: cfg.timeout,
+                    })?
+                    .map_err(|error| DatastoreError::Connect {
+                        endpoints: endpoints.clone(),
+                        error,
+                    })?;
             clients.push(client);
         }
         Ok(Self {
@@ -578,7 +576,11 @@ impl Datastore {
     /// The raw value at `key` and its mod revision.
     pub async fn get_raw(&self, key: &str) -> Result<Option<RawValue>, DatastoreError> {
         let resp = self
-            .call("get", key, |c| async move { c.kv_client().get(key, None).await })
+            .call(
+                "get",
+                key,
+                |c| async move { c.kv_client().get(key, None).await },
+            )
             .await?;
         Ok(resp.kvs().first().map(|kv| RawValue {
             key: key.to_owned(),

@@ -419,7 +419,9 @@ impl Writer {
 pub async fn remove_ours(backend: Backend) -> Result<(usize, usize), IptablesError> {
     let save = match run(backend.save(), &["-t", "filter"], "").await {
         Ok(s) => s,
-        Err(IptablesError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(IptablesError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
             return Ok((0, 0));
         }
         Err(e) => return Err(e),
@@ -455,7 +457,12 @@ pub async fn remove_ours(backend: Backend) -> Result<(usize, usize), IptablesErr
     }
     input.push_str("COMMIT\n");
     run(backend.restore(), &["--noflush"], &input).await?;
-    info!(backend = backend.name(), chains = chains.len(), jumps = jumps.len(), "removed our iptables chains");
+    info!(
+        backend = backend.name(),
+        chains = chains.len(),
+        jumps = jumps.len(),
+        "removed our iptables chains"
+    );
     Ok((chains.len(), jumps.len()))
 }
 
@@ -465,12 +472,17 @@ pub async fn remove_sets_and_routes() -> Result<(usize, usize), IptablesError> {
     let mut sets = 0;
     match run("ipset", &["list", "-n"], "").await {
         Ok(names) => {
-            for name in names.lines().map(str::trim).filter(|n| n.starts_with(PREFIX)) {
+            for name in names
+                .lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with(PREFIX))
+            {
                 run("ipset", &["destroy", name], "").await?;
                 sets += 1;
             }
         }
-        Err(IptablesError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(IptablesError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let ours = routes::read().await?;
