@@ -81,7 +81,7 @@ impl LoadServer {
         for l in echo {
             let stop = stop.clone();
             threads.push(std::thread::spawn(move || {
-                accept_loop(&l, &stop, |c, stop| echo_conn(c, stop));
+                accept_loop(&l, &stop, echo_conn);
             }));
         }
         {

@@ -305,7 +305,8 @@ fn root_a_node_cut_off_while_etcd_compacts_lists_again_and_converges() {
     let log = d.agents[2].log_text();
     assert!(log.contains("compacted at revision"), "{log}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !(open(PROBE_PORT) && !open(EXTRA_PORT)) {
+    let converged = || open(PROBE_PORT) && !open(EXTRA_PORT);
+    while !converged() {
         assert!(
             Instant::now() < deadline,
             "node-3 did not converge after the re-list:\n{log}"
@@ -370,13 +371,13 @@ fn root_a_three_member_etcd_losing_any_one_member_keeps_agents_and_ctl_in_sync()
     };
     let in_maps = |cidr: &str, agents: &[Agent]| {
         let deadline = Instant::now() + Duration::from_secs(10);
-        for i in 0..cluster.nodes.len() {
+        for (i, agent) in agents.iter().enumerate() {
             while !has_route(&cluster, &pins, i, cidr) {
                 assert!(
                     Instant::now() < deadline,
                     "node-{}: no route for {cidr}:\n{}",
                     i + 1,
-                    agents[i].log_text()
+                    agent.log_text()
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
