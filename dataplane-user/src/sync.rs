@@ -912,9 +912,10 @@ pub struct Resume {
 enum Lost {
     /// etcd could not be reached (or a status write timed out: a silent partition): resume.
     Unreachable(SyncError),
-    /// Anything else (compacted past our revision, a map write refused, etcd closed the
-    /// watch): list again.
-    Relist(Option<SyncError>),
+    /// etcd ended the watch stream: resume (a compaction past our revision shows up then).
+    Closed,
+    /// Anything else (compacted past our revision, a map write refused): list again.
+    Relist(SyncError),
 }
 
 /// Lists and applies (or resumes from `resume`), then follows the watch until it is lost.
@@ -948,8 +949,14 @@ async fn sync_once<D: Dataplane>(
             });
             Err(e)
         }
-        Lost::Relist(None) => Ok(()),
-        Lost::Relist(Some(e)) => Err(e),
+        Lost::Closed => {
+            *resume = Some(Resume {
+                model,
+                revision: programmed,
+            });
+            Ok(())
+        }
+        Lost::Relist(e) => Err(e),
     }
 }
 
@@ -1014,7 +1021,7 @@ async fn follow<D: Dataplane>(
         if e.is_unavailable() {
             Lost::Unreachable(SyncError::Datastore(Box::new(e)))
         } else {
-            Lost::Relist(Some(SyncError::Datastore(Box::new(e))))
+            Lost::Relist(SyncError::Datastore(Box::new(e)))
         }
     };
     let mut watch = match ds.watch(PREFIX, *programmed + 1).await {
@@ -1040,7 +1047,7 @@ async fn follow<D: Dataplane>(
             }
         };
         let Some((events, revision)) = next else {
-            return Lost::Relist(None);
+            return Lost::Closed;
         };
         obs.seen(revision);
         if !events.is_empty() {
@@ -1050,7 +1057,7 @@ async fn follow<D: Dataplane>(
             }
             let c = match writer.program(model, me).await {
                 Ok(c) => c,
-                Err(e) => return Lost::Relist(Some(e)),
+                Err(e) => return Lost::Relist(e),
             };
             obs.applied(false, started.elapsed());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
@@ -1062,7 +1069,7 @@ async fn follow<D: Dataplane>(
             let _recorded = report_status(ds, me, revision, obs).await;
         }
         if let Err(e) = writer.tidy() {
-            return Lost::Relist(Some(e));
+            return Lost::Relist(e);
         }
     }
 }
@@ -1115,7 +1122,7 @@ pub async fn run<D: Dataplane>(ds: Datastore, me: String, mut writer: D, obs: Sy
         }
         let mut wait = delay;
         match result {
-            Ok(()) => info!("etcd closed the watch; re-listing"),
+            Ok(()) => info!("etcd closed the watch; resuming it"),
             Err(e) => {
                 if let SyncError::Datastore(d) = &e {
                     obs.etcd_unreachable();
