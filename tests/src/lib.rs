@@ -4,6 +4,8 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod containerd;
+pub mod cri;
 pub mod netns;
 pub mod netpol;
 pub mod packets;

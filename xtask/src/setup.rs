@@ -26,6 +26,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "procps",
     "iputils-ping",
+    // The containerd end-to-end test: a real runtime and the only binary of its image.
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 /// Components the nightly toolchain needs: `rust-src` for `-Z build-std=core`, clippy for the
