@@ -202,7 +202,13 @@ pub struct Containerd {
     pub cgroup_parent: String,
     process: Option<ChildGuard>,
     cri: Option<CriClient>,
+    /// Whether /run/containerd was there before: containerd 1.6's shims put their sockets in
+    /// /run/containerd/s whatever the config says; the guard removes the dirs it caused.
+    run_dir_existed: bool,
 }
+
+/// Where containerd 1.6's runc shims always put their sockets.
+const SHIM_SOCKET_ROOT: &str = "/run/containerd";
 
 impl std::fmt::Debug for Containerd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -285,6 +291,7 @@ disabled_plugins = [
             cgroup_parent,
             process: None,
             cri: None,
+            run_dir_existed: Path::new(SHIM_SOCKET_ROOT).exists(),
         }
     }
 
@@ -477,6 +484,21 @@ impl Drop for Containerd {
         for m in self.mounts() {
             if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
                 eprintln!("warning: unmount {}: {e}", m.display());
+            }
+        }
+        if !self.run_dir_existed {
+            // Only empty dirs go: another runtime's sockets would keep them.
+            for d in ["s", ""] {
+                let path = Path::new(SHIM_SOCKET_ROOT).join(d);
+                match std::fs::remove_dir(&path) {
+                    Ok(()) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+                        ) => {}
+                    Err(e) => eprintln!("warning: remove {}: {e}", path.display()),
+                }
             }
         }
         // The pods' cgroups: children first (their processes are gone by now).

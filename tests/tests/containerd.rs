@@ -73,32 +73,38 @@ fn etcd_get(d: &Deployment, prefix: &str) -> Vec<(String, serde_json::Value)> {
 }
 
 /// Puts the CNI config and plugins in the runtime's private dirs with `dataplane
-/// install-cni`, as the DaemonSet's init container does on a host; plus the reference
-/// `loopback` plugin, which containerd's CRI plugin runs for the pods' `lo`.
+/// install-cni`, as the DaemonSet's init step does on a host (binary copied, `dataplane-ipam`
+/// linked, conflist rendered from the built-in template); plus the reference `loopback`
+/// plugin, which containerd's CRI plugin runs for every pod's `lo` (a host has it in its CNI
+/// bin dir too).
 fn install_cni(d: &Deployment, i: usize, c: &Containerd) {
     let node = &d.cluster.nodes[i];
     let etcd = d.cluster.etcd.as_ref().unwrap().endpoint();
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "plugins": [{
-            "type": "dataplane",
-            "etcd_endpoints": etcd,
-            "nodename": node.name,
-            "log_level": "info",
-            "mtu": 1440,
-            "ipam": { "type": "dataplane-ipam" },
-        }],
-    });
-    std::fs::write(
-        c.cni_net_dir().join("10-dataplane.conflist"),
-        serde_json::to_string_pretty(&conf).unwrap(),
+    let bin_dir = c.cni_bin_dir().display().to_string();
+    let net_dir = c.cni_net_dir().display().to_string();
+    let nodename = c.dir.path().join("nodename").display().to_string();
+    let (st, out, err) = dataplane(
+        &node.ns,
+        &[
+            "install-cni",
+            "--cni-bin-dir",
+            &bin_dir,
+            "--cni-net-dir",
+            &net_dir,
+            "--etcd-endpoints",
+            &etcd,
+            "--node",
+            &node.name,
+            "--nodename-file",
+            &nodename,
+        ],
+    );
+    assert!(st.success(), "install-cni on {}: {out}{err}", node.name);
+    let conf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(c.cni_net_dir().join("10-dataplane.conflist")).unwrap(),
     )
     .unwrap();
-    for name in ["dataplane", "dataplane-ipam"] {
-        std::os::unix::fs::symlink(dataplane_tests::dataplane_bin(), c.cni_bin_dir().join(name))
-            .unwrap();
-    }
+    assert_eq!(conf["plugins"][0]["nodename"], node.name.as_str(), "{conf}");
     std::os::unix::fs::symlink(
         std::path::Path::new(dataplane_tests::cni::REFERENCE_PLUGINS).join("loopback"),
         c.cni_bin_dir().join("loopback"),
@@ -379,6 +385,15 @@ fn root_containerd_cri_runs_pods_with_our_cni_plugin() {
             p.name,
             t.elapsed()
         );
+        // kubelet stops a sandbox again whenever it is unsure (GC, restarts); containerd then
+        // calls DEL once more with CNI_NETNS empty, the namespace being gone: must succeed.
+        cri.stop_pod_sandbox(&p.sandbox).unwrap_or_else(|e| {
+            panic!(
+                "second StopPodSandbox {}: {e}\n{}",
+                p.name,
+                rt(p).log_text()
+            )
+        });
         cri.remove_pod_sandbox(&p.sandbox).unwrap();
         assert_eq!(cri.list_pod_sandbox().unwrap(), vec![]);
     }
