@@ -1,7 +1,8 @@
 //! The manifests in deploy/: every document validates against the Kubernetes API's schemas
 //! (`kubernetes-validate --strict`, offline, installed by `cargo xtask setup`), a broken copy
 //! is rejected (so the check can fail), and the ConfigMap's CNI template renders through
-//! `dataplane install-cni` into a config list the plugin accepts. No root needed.
+//! `dataplane install-cni` into a config list the plugin accepts, and the DaemonSet's
+//! `ensure-ippool` step runs as written against a real etcd (that one needs root).
 
 use std::{
     fs,
@@ -163,7 +164,7 @@ fn the_daemonset_has_what_a_node_needs() {
             .as_sequence()
             .unwrap()
             .iter()
-            .any(|t| t["operator"] == Y::from("Exists") && t.get("key").is_none()),
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none()),
         "no toleration of every taint"
     );
     let inits: Vec<&str> = spec["initContainers"]
@@ -174,10 +175,7 @@ fn the_daemonset_has_what_a_node_needs() {
         .collect();
     assert!(inits.contains(&"install-cni"), "{inits:?}");
     let containers = spec["containers"].as_sequence().unwrap();
-    let agent = containers
-        .iter()
-        .find(|c| c["name"] == Y::from("agent"))
-        .unwrap();
+    let agent = containers.iter().find(|c| c["name"] == "agent").unwrap();
     for (probe, path) in [
         ("livenessProbe", "/liveness"),
         ("readinessProbe", "/readiness"),
@@ -198,7 +196,7 @@ fn the_daemonset_has_what_a_node_needs() {
     // No Role or binding: the agent never talks to the API server.
     for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
         assert!(
-            !docs.iter().any(|(_, d)| d["kind"] == Y::from(kind)),
+            !docs.iter().any(|(_, d)| d["kind"] == *kind),
             "{kind} in deploy/"
         );
     }
@@ -263,4 +261,142 @@ fn the_configmap_template_renders_through_install_cni() {
     assert_eq!(plugin["nodename"], "node-1");
     assert_eq!(plugin["etcd_ca_cert_file"], "");
     assert!(bin.join("dataplane").is_file());
+}
+
+/// A container's environment as the kubelet would give it: literal values, ConfigMap keys
+/// from deploy/'s ConfigMap (with `overrides`), `spec.nodeName` as `node`.
+fn container_env(
+    container: &Y,
+    config: &Y,
+    overrides: &[(&str, &str)],
+    node: &str,
+) -> Vec<(String, String)> {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            let value = if let Some(v) = e["value"].as_str() {
+                v.to_owned()
+            } else if let Some(key) = e["valueFrom"]["configMapKeyRef"]["key"].as_str() {
+                overrides
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| (*v).to_owned())
+                    .unwrap_or_else(|| config[key].as_str().unwrap().to_owned())
+            } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+                node.to_owned()
+            } else {
+                panic!("env {name}: unknown source {e:?}")
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// The DaemonSet's `ensure-ippool` init step, run as written (its shell script, its
+/// environment from the ConfigMap) against a real etcd: it creates the ConfigMap's pool, and
+/// on the next node (or restart) leaves the existing pool alone. Needs root (etcd runs in a
+/// namespace of the cluster in a box).
+#[test]
+fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
+    dataplane_tests::require_root();
+    let docs = documents();
+    let config = &find(&docs, "ConfigMap")["data"];
+    let ds = find(&docs, "DaemonSet");
+    let init = ds["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ensure-ippool")
+        .expect("no ensure-ippool init container");
+    let command: Vec<String> = init["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let cluster = dataplane_tests::Cluster::new(&[1], true);
+    let node = &cluster.nodes[0];
+    let endpoint = cluster.etcd.as_ref().unwrap().endpoint();
+    let env = container_env(init, config, &[("etcd_endpoints", &endpoint)], &node.name);
+    // `dataplane` on PATH, as in the image.
+    let bin_dir = dataplane_bin().parent().unwrap().to_owned();
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display());
+    let run = || {
+        let out = dataplane_tests::netns::output(
+            node.ns
+                .command(&command[0])
+                .args(&command[1..])
+                .env_clear()
+                .env("PATH", &path)
+                .envs(env.iter().map(|(k, v)| (k, v))),
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "ensure-ippool: {text}");
+        text
+    };
+    let first = run();
+    assert!(!first.contains("already in etcd"), "{first}");
+    let pool_name = config["pool_name"].as_str().unwrap();
+    let get = || {
+        let (status, stdout, stderr) = dataplane_tests::dataplane(
+            &node.ns,
+            &[
+                "ctl",
+                "--etcd-endpoints",
+                &endpoint,
+                "get",
+                "ippool",
+                pool_name,
+                "-o",
+                "json",
+            ],
+        );
+        assert!(status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        // One resource, or a list of one.
+        if v.is_array() { v[0].clone() } else { v }
+    };
+    let pool = get();
+    assert_eq!(pool["spec"]["cidr"], config["pool_cidr"].as_str().unwrap());
+    assert_eq!(
+        pool["spec"]["ipipMode"],
+        config["ipip_mode"].as_str().unwrap()
+    );
+    assert_eq!(
+        pool["spec"]["blockSize"].to_string(),
+        config["pool_block_size"].as_str().unwrap()
+    );
+    // A pool changed since (by `dataplane ctl apply`) is not reset by the next node's step.
+    let tmp = tempfile::tempdir().unwrap();
+    let changed = tmp.path().join("pool.yaml");
+    fs::write(
+        &changed,
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {pool_name}}}\nspec: {{cidr: {}, ipipMode: Never, natOutgoing: true}}\n",
+            config["pool_cidr"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (status, _, stderr) = dataplane_tests::dataplane(
+        &node.ns,
+        &[
+            "ctl",
+            "--etcd-endpoints",
+            &endpoint,
+            "apply",
+            "-f",
+            changed.to_str().unwrap(),
+        ],
+    );
+    assert!(status.success(), "{stderr}");
+    let second = run();
+    assert!(second.contains("already in etcd"), "{second}");
+    assert_eq!(get()["spec"]["ipipMode"], "Never");
 }
