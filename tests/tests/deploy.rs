@@ -295,12 +295,13 @@ fn container_env(
         .collect()
 }
 
-/// The DaemonSet's `ensure-ippool` init step, run as written (its shell script, its
-/// environment from the ConfigMap) against a real etcd: it creates the ConfigMap's pool, and
-/// on the next node (or restart) leaves the existing pool alone. Needs root (etcd runs in a
-/// namespace of the cluster in a box).
+/// The DaemonSet's init steps run as written (commands, environment from the ConfigMap) in a
+/// node of the cluster in a box with a real etcd: `ensure-ippool` creates the ConfigMap's pool
+/// and on the next node (or restart) leaves the existing pool alone; `install-cni` installs
+/// the plugin and the conflist, through which a runtime-like caller then gives a pod its
+/// address from that pool. Needs root.
 #[test]
-fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
+fn the_init_steps_as_written_give_a_pod_an_address_with_a_real_etcd() {
     dataplane_tests::require_root();
     let docs = documents();
     let config = &find(&docs, "ConfigMap")["data"];
@@ -320,7 +321,12 @@ fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
     let cluster = dataplane_tests::Cluster::new(&[1], true);
     let node = &cluster.nodes[0];
     let endpoint = cluster.etcd.as_ref().unwrap().endpoint();
-    let env = container_env(init, config, &[("etcd_endpoints", &endpoint)], &node.name);
+    // A pool other than the plugin's built-in default, to see that the ConfigMap's is used.
+    let overrides = [
+        ("etcd_endpoints", endpoint.as_str()),
+        ("pool_cidr", "10.77.0.0/16"),
+    ];
+    let env = container_env(init, config, &overrides, &node.name);
     // `dataplane` on PATH, as in the image.
     let bin_dir = dataplane_bin().parent().unwrap().to_owned();
     let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display());
@@ -364,7 +370,7 @@ fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
         if v.is_array() { v[0].clone() } else { v }
     };
     let pool = get();
-    assert_eq!(pool["spec"]["cidr"], config["pool_cidr"].as_str().unwrap());
+    assert_eq!(pool["spec"]["cidr"], "10.77.0.0/16");
     assert_eq!(
         pool["spec"]["ipipMode"],
         config["ipip_mode"].as_str().unwrap()
@@ -379,8 +385,7 @@ fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
     fs::write(
         &changed,
         format!(
-            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {pool_name}}}\nspec: {{cidr: {}, ipipMode: Never, natOutgoing: true}}\n",
-            config["pool_cidr"].as_str().unwrap()
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {pool_name}}}\nspec: {{cidr: 10.77.0.0/16, ipipMode: Never, natOutgoing: true}}\n",
         ),
     )
     .unwrap();
@@ -399,4 +404,76 @@ fn ensure_ippool_step_creates_the_pool_once_with_a_real_etcd() {
     let second = run();
     assert!(second.contains("already in etcd"), "{second}");
     assert_eq!(get()["spec"]["ipipMode"], "Never");
+
+    // install-cni as the init container runs it, the host's directories being temporary ones.
+    let install = ds["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "install-cni")
+        .expect("no install-cni init container");
+    let args: Vec<&str> = install["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["dataplane", "install-cni"]);
+    let plugins = dataplane_tests::cni::PluginDir {
+        dir: tempfile::Builder::new()
+            .prefix("dp-cni-bin-")
+            .tempdir()
+            .unwrap(),
+    };
+    let net = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("cni_network_config");
+    fs::write(&template, config["cni_network_config"].as_str().unwrap()).unwrap();
+    let env: Vec<(String, String)> = container_env(install, config, &overrides, &node.name)
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "CNI_NETWORK_CONFIG_FILE" => (k, template.display().to_string()),
+            _ => (k, v),
+        })
+        .collect();
+    let out = Command::new(dataplane_bin())
+        .args(&args[1..])
+        .arg("--nodename-file")
+        .arg(tmp.path().join("nodename"))
+        .env_clear()
+        .env("CNI_BIN_DIR", plugins.dir.path())
+        .env("CNI_NET_DIR", net.path())
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install-cni: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value =
+        serde_json::from_slice(&fs::read(net.path().join("10-dataplane.conflist")).unwrap())
+            .unwrap();
+    let sandbox = dataplane_tests::cni::Sandbox::new(node, "default", "web-0");
+    let add = dataplane_tests::cni::exec_list(
+        node,
+        &plugins,
+        "ADD",
+        &sandbox,
+        &list,
+        &serde_json::json!({}),
+    );
+    let ip = dataplane_tests::cni::result_ip(&add.ok());
+    assert!(
+        ip.octets()[..2] == [10, 77],
+        "{ip} is not in the ConfigMap's pool"
+    );
+    let del = dataplane_tests::cni::exec_list(
+        node,
+        &plugins,
+        "DEL",
+        &sandbox,
+        &list,
+        &serde_json::json!({}),
+    );
+    assert!(del.success, "DEL: {del:?}");
 }
