@@ -203,7 +203,10 @@ fn http(c: &Containerd, from: &RunningPod, to: &RunningPod) -> bool {
     let (code, out, err) = exec(c, from, &["sh", "-c", &script]);
     let ok = code == 0 && out.starts_with("HTTP/1.") && out.ends_with(INDEX_HTML);
     if !ok {
-        eprintln!("{} → {}: exit {code}, {out:?} {err:?}", from.name, to.name);
+        eprintln!(
+            "probe {} → {}: no page (exit {code}, {out:?} {err:?})",
+            from.name, to.name
+        );
     }
     ok
 }
