@@ -5,9 +5,9 @@
 pub mod checker;
 pub mod cluster;
 pub mod cni;
-pub mod load;
 pub mod containerd;
 pub mod cri;
+pub mod load;
 pub mod netns;
 pub mod netpol;
 pub mod packets;
