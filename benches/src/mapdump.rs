@@ -1,6 +1,6 @@
 //! `map-dump conntrack` of a big table: a conntrack map created the way the agent creates it
 //! (the embedded object loaded with its pins under a private pin directory, sized with
-//! `--ct-max-entries`' loader setting), filled from userspace with synthetic connections, then
+//! `--conntrack-size`), filled from userspace with synthetic connections, then
 //! dumped as a table and as JSON by the real binary inside its own network namespace: wall
 //! time, peak RSS of the dump (wait4's rusage of that child), bytes written.
 

@@ -220,19 +220,55 @@ const _: () = assert!(size_of::<Verdict>() == 12);
 
 /// Key of the per-CPU policy hit counters: how many packets each rule of a compiled policy
 /// decided, per direction (a compiled policy may serve as one endpoint's ingress and
-/// another's egress). `rule` is the index in the compiled policy, `u32::MAX` for "no rule
-/// matched" (the isolated endpoint's default deny). Value: u64 packets. Counted only where
-/// policy is consulted (a connection's first packet at each end), never for tracked packets.
+/// another's egress). Value: u64 packets. Counted only where policy is consulted (a
+/// connection's first packet at each end), never for tracked packets.
+///
+/// Eight bytes, direction folded into `rule`: the counting subprogram's frame must stay
+/// within 16 bytes (key and value), as from-workload's own frame leaves no more of the
+/// 512-byte stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyHitKey {
     pub policy: u32,
+    /// The rule's index in the compiled policy, or [`PolicyHitKey::NO_RULE`] for "no rule
+    /// matched" (the isolated endpoint's default deny); bit [`PolicyHitKey::EGRESS`] set for
+    /// the endpoint's egress policy (from-workload), clear for its ingress (to-workload).
     pub rule: u32,
-    /// 1: the endpoint's egress (from-workload hook); 0: its ingress (to-workload).
-    pub egress: u8,
-    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<PolicyHitKey>() == 12);
+const _: () = assert!(size_of::<PolicyHitKey>() == 8);
+
+impl PolicyHitKey {
+    /// The direction bit of [`PolicyHitKey::rule`].
+    pub const EGRESS: u32 = 1 << 31;
+    /// "No rule matched", in the low 31 bits of [`PolicyHitKey::rule`].
+    pub const NO_RULE: u32 = !Self::EGRESS;
+
+    /// `rule`: an index or `u32::MAX` (none matched), as the verdicts hold it.
+    #[inline(always)]
+    pub const fn new(policy: u32, rule: u32, egress: bool) -> Self {
+        let rule = if rule >= Self::NO_RULE {
+            Self::NO_RULE
+        } else {
+            rule
+        };
+        Self {
+            policy,
+            rule: if egress { rule | Self::EGRESS } else { rule },
+        }
+    }
+
+    pub const fn egress(&self) -> bool {
+        self.rule & Self::EGRESS != 0
+    }
+
+    /// The rule index, `u32::MAX` when none matched.
+    pub const fn rule_index(&self) -> u32 {
+        match self.rule & Self::NO_RULE {
+            Self::NO_RULE => u32::MAX,
+            r => r,
+        }
+    }
+}
 
 /// Key of the rule descriptions: (compiled policy id, rule index in it).
 #[repr(C)]

@@ -16,6 +16,13 @@ impl Stats {
     pub fn get(map: &CounterMap, ctx: &TcContext, hook: u8) -> Self {
         // SAFETY: `skb` is the context pointer the kernel passed to the program.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        Self::of(map, ifindex, hook)
+    }
+
+    /// This CPU's counters for `hook` of another interface (a packet delivered straight into
+    /// a pod is counted at its veth's to-workload hook, which it then skips).
+    #[inline(always)]
+    pub fn of(map: &CounterMap, ifindex: u32, hook: u8) -> Self {
         let key = CounterKey::new(ifindex, hook);
         if let Some(p) = map.get_ptr_mut(key) {
             return Self(Some(p));

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
-    CtTimeouts, EndpointValue, FragKey, NodeConfig, POLICY_NONE, RouteValue, counter, route_flags,
-    route_kind,
+    CtTimeouts, EndpointValue, FragKey, NodeConfig, POLICY_NONE, RouteValue, counter, hook,
+    route_flags, route_kind,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    DP_CONFIG, DP_ENDPOINTS, DP_FRAGMENTS, DP_NODES, DP_ROUTES,
+    DP_CONFIG, DP_COUNTERS, DP_ENDPOINTS, DP_FRAGMENTS, DP_NODES, DP_ROUTES,
     conntrack::{self, Outcome},
     counters::Stats,
     ipip,
@@ -70,12 +70,25 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Hands an IPv4 packet to a pod on this node: routed (TTL), addressed to the pod's MAC, and
-/// sent out of its host veth, whose egress program (to-workload) then sees it.
+/// Hands an IPv4 packet to a pod on this node. The pod's side is judged here: its ingress
+/// policy and conntrack, counted at its veth's to-workload hook as if that hook had run. Then
+/// the packet is routed (TTL), addressed to the pod's MAC and put straight into the pod's
+/// namespace (redirect to the veth's peer), so the host side neither queues it a second time
+/// nor runs its egress hook. Called from TC ingress hooks only (from-workload, host ingress).
 #[inline(always)]
 fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
     if packet::decrement_ttl(ctx, ip).is_err() {
         return pass(stats);
+    }
+    let pod = Stats::of(&DP_COUNTERS, r.ifindex, hook::TO_WORKLOAD);
+    pod.add(counter::PACKETS, 1);
+    pod.add(counter::BYTES, u64::from(ctx.len()));
+    // SAFETY: the value is copied out at once; the map is only written by userspace.
+    let Some(ep) = unsafe { DP_ENDPOINTS.get(r.ifindex) }.copied() else {
+        return drop(&pod, counter::DROP_NO_ENDPOINT);
+    };
+    if let Err(verdict) = enforce(ctx, &pod, ip, ep.ingress_policy, false) {
+        return verdict;
     }
     let Ok(eth) = ctx.load::<EthHdr>(0) else {
         return drop(stats, counter::DROP_MALFORMED);
@@ -83,7 +96,11 @@ fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValu
     if packet::set_macs(ctx, &r.mac, &eth.dst_addr).is_err() {
         return drop(stats, counter::DROP_INTERNAL);
     }
-    redirected(stats, redirect::to_egress(r.ifindex), counter::REDIRECTED)
+    let verdict = redirect::to_peer(r.ifindex);
+    if redirect::redirected(verdict) {
+        pod.add(counter::PASSED, 1);
+    }
+    redirected(stats, verdict, counter::REDIRECTED)
 }
 
 /// Whether `ip`, once wrapped in 20 more bytes, would exceed the host NIC's MTU. Segmentation
@@ -224,7 +241,8 @@ fn pod_packet(ctx: &TcContext, stats: &Stats) -> Result<(Ipv4Hdr, EndpointValue)
     }
 }
 
-/// TC egress of a pod's veth: the pod's ingress policy.
+/// TC egress of a pod's veth: the pod's ingress policy, for what the kernel routes to the pod
+/// (the node's own traffic, natively routed packets). Packets the programs deliver skip it.
 #[inline(always)]
 pub fn to_workload(ctx: &TcContext, stats: &Stats) -> i32 {
     let (ip, ep) = match pod_packet(ctx, stats) {

@@ -52,42 +52,16 @@ fn lookup(policy: u32, class: u32, proto: u8, port: u16) -> Option<Verdict> {
     unsafe { DP_POLICY_PORT_EXACT.get(key(policy, class, 0, port_kind::CLASS, 0)) }.copied()
 }
 
-/// The deciding rule of (class, protocol, ports) in `policy`, `u32::MAX` when none matched,
-/// and whether it allows.
-#[inline(always)]
-fn decide(policy: u32, flow: &Flow, peer: [u8; 4]) -> (u32, bool) {
-    const NONE: (u32, bool) = (u32::MAX, false);
-    let ip = PolicyIpKey { policy, addr: peer };
-    // SAFETY: the value is copied out at once; the map is only written by userspace.
-    let class = match unsafe { DP_POLICY_IP_EXACT.get(ip) } {
-        Some(c) => *c,
-        None => match DP_POLICY_IP.get(&Key::new(64, ip)) {
-            Some(c) => *c,
-            None => return NONE,
-        },
-    };
-    let Some(mut v) = lookup(policy, class, flow.proto, flow.policy_dport()) else {
-        return NONE;
-    };
-    if v.sport_table != 0 {
-        match lookup(policy, v.sport_table, flow.proto, flow.policy_sport()) {
-            Some(s) => v = s,
-            None => return NONE,
-        }
-    }
-    (v.rule, v.action == verdict::ALLOW)
-}
-
-/// Counts one decision of `rule` of `policy` in this direction (per CPU). A full map skips
-/// the count, never the packet.
-#[inline(always)]
+/// Counts one decision of `rule` (`u32::MAX`: none matched) of `policy` in this direction
+/// (per CPU). A full map skips the count, never the packet.
+///
+/// A BPF subprogram, not inlined: its key and the map calls stay out of the callers' frames
+/// (from-workload checks two policies since local delivery, and with this inlined its frame
+/// passes the 512-byte stack limit). A call costs a few instructions, only where policy is
+/// consulted (never on tracked packets).
+#[inline(never)]
 fn hit(policy: u32, rule: u32, egress: bool) {
-    let key = PolicyHitKey {
-        policy,
-        rule,
-        egress: u8::from(egress),
-        _pad: [0; 3],
-    };
+    let key = PolicyHitKey::new(policy, rule, egress);
     if let Some(p) = DP_POLICY_HITS.get_ptr_mut(key) {
         // SAFETY: a per-CPU value, only touched by this CPU while the program runs.
         unsafe { *p += 1 };
@@ -95,14 +69,12 @@ fn hit(policy: u32, rule: u32, egress: bool) {
     }
     // The first decision of this rule: create the entry (its other CPUs' values start at
     // zero). Another CPU may have won the race: then count in its entry.
-    match DP_POLICY_HITS.insert(key, 1, u64::from(BPF_NOEXIST)) {
-        Err(e) if e == -EEXIST => {
-            if let Some(p) = DP_POLICY_HITS.get_ptr_mut(key) {
-                // SAFETY: as above.
-                unsafe { *p += 1 };
-            }
-        }
-        _ => {}
+    if let Err(e) = DP_POLICY_HITS.insert(key, 1, u64::from(BPF_NOEXIST))
+        && e == -EEXIST
+        && let Some(p) = DP_POLICY_HITS.get_ptr_mut(key)
+    {
+        // SAFETY: as above.
+        unsafe { *p += 1 };
     }
 }
 
@@ -113,7 +85,31 @@ pub fn allows(policy: u32, flow: &Flow, peer: [u8; 4], egress: bool) -> bool {
     if policy == POLICY_NONE {
         return true;
     }
-    let (rule, allow) = decide(policy, flow, peer);
-    hit(policy, rule, egress);
-    allow
+    let ip = PolicyIpKey { policy, addr: peer };
+    // SAFETY: the value is copied out at once; the map is only written by userspace.
+    let class = match unsafe { DP_POLICY_IP_EXACT.get(ip) } {
+        Some(c) => *c,
+        None => match DP_POLICY_IP.get(&Key::new(64, ip)) {
+            Some(c) => *c,
+            None => {
+                hit(policy, u32::MAX, egress);
+                return false;
+            }
+        },
+    };
+    let Some(mut v) = lookup(policy, class, flow.proto, flow.policy_dport()) else {
+        hit(policy, u32::MAX, egress);
+        return false;
+    };
+    if v.sport_table != 0 {
+        match lookup(policy, v.sport_table, flow.proto, flow.policy_sport()) {
+            Some(s) => v = s,
+            None => {
+                hit(policy, u32::MAX, egress);
+                return false;
+            }
+        }
+    }
+    hit(policy, v.rule, egress);
+    v.action == verdict::ALLOW
 }

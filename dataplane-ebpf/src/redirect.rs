@@ -2,15 +2,16 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_redirect_neigh, bpf_redirect_peer},
 };
 
-/// Sends the packet out of `ifindex` (egress: the device's TC egress hook still runs, so a
-/// pod's to-workload program sees what is delivered to it).
+/// Hands the packet to the other end of the veth `ifindex`, in the pod's namespace, as if it
+/// had arrived there: no queueing on the host side and no TC egress hook on `ifindex`. Only
+/// allowed from a TC ingress hook.
 #[inline(always)]
-pub fn to_egress(ifindex: u32) -> i32 {
+pub fn to_peer(ifindex: u32) -> i32 {
     // SAFETY: a plain helper call with scalar arguments.
-    let r = unsafe { bpf_redirect(ifindex, 0) };
+    let r = unsafe { bpf_redirect_peer(ifindex, 0) };
     r as i32
 }
 

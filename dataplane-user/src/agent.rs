@@ -68,14 +68,14 @@ pub struct AgentOptions {
     pub bpffs_dir: PathBuf,
     /// Conntrack timeouts, written to the config map.
     pub ct_timeouts: dataplane_common::CtTimeouts,
-    /// The conntrack map's size when the agent creates it.
-    pub ct_max_entries: u32,
     /// Where `/liveness` and `/readiness` are served (`None`: not served).
     pub health_listen: Option<std::net::SocketAddr>,
     /// Where `/metrics` is served (`None`: not served).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How long etcd may be unreachable before readiness fails.
     pub readiness_grace: std::time::Duration,
+    /// Entries of the conntrack table.
+    pub conntrack_size: u32,
 }
 
 /// How often expired conntrack entries are removed.
@@ -334,9 +334,12 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let host_ifindex = ifindex_of(&opts.host_iface)
         .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
     let pins = PinDir::open(&opts.bpffs_dir)?;
-    let programs = Programs::load(&pins, opts.ct_max_entries)?;
+    let mut programs = Programs::load(&pins, opts.conntrack_size)?;
+    if !programs.layout.is_empty() {
+        info!(migrated = ?programs.layout.migrated, rebuilt = ?programs.layout.rebuilt, "map layouts changed since the last agent");
+    }
     // Datastore settings and the maps are checked before anything is attached.
-    let sync_parts = if opts.etcd_endpoints.is_empty() {
+    let mut sync_parts = if opts.etcd_endpoints.is_empty() {
         None
     } else {
         let ds = crate::datastore::Datastore::connect(&etcd_config(&opts))
@@ -345,6 +348,30 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
         Some((ds, writer))
     };
+    // A map the sync fills was remade empty: fill it before any new program uses it (the
+    // attached programs keep the old maps until they are swapped out).
+    if programs.layout.needs_refill()
+        && let Some((ds, writer)) = sync_parts.as_mut()
+    {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            match crate::sync::prefill(ds, &opts.node, writer).await {
+                Ok(revision) => {
+                    info!(
+                        revision,
+                        "remade maps filled before the programs are swapped in"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), retry_in = ?delay, "fill the remade maps");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    let catch_up = programs.catch_up.take();
     let health = Arc::new(Health::new(sync_parts.is_some(), opts.readiness_grace));
     let metrics = Arc::new(Metrics::new(pins.root(), health.clone()));
     // Served from now on: liveness during start-up, readiness false until attached.
@@ -392,6 +419,9 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             task.abort();
         }
         return Err(e.into());
+    }
+    if let Some(c) = catch_up {
+        c.finish(&pins.maps_dir());
     }
     health.set_attached();
     info!(

@@ -51,6 +51,8 @@ pub enum AttachError {
     },
     #[error("unpin link {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
 }
 
 /// Which programs an interface gets.
@@ -150,22 +152,32 @@ fn parse_link_pin_name(pin: &str) -> Option<(u32, &str)> {
 pub struct Programs {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    /// Maps whose pinned layout differed from this build's and were remade.
+    pub layout: crate::layout::Report,
+    /// Old conntrack entries to carry over once the new programs are attached.
+    pub catch_up: Option<crate::layout::CatchUp>,
 }
 
 impl Programs {
     /// Loads the embedded object, reusing the maps already pinned under `pins` (an agent
-    /// restart keeps its state) or creating and pinning them; a conntrack map it creates
-    /// holds `ct_max_entries` connections.
-    pub fn load(pins: &PinDir, ct_max_entries: u32) -> Result<Self, AttachError> {
+    /// restart keeps its state) or creating and pinning them. The conntrack table gets
+    /// `conntrack_size` entries. A pinned map whose layout differs from this build's (or
+    /// from `conntrack_size`) is remade, its entries carried over when they fit
+    /// ([`crate::layout`]).
+    pub fn load(pins: &PinDir, conntrack_size: u32) -> Result<Self, AttachError> {
         let maps_dir = pins.maps_dir();
+        let sizes = [(map_names::CONNTRACK, conntrack_size)];
+        let declared = crate::layout::declared(EBPF_OBJECT, &PINNED_MAPS, &sizes)?;
+        let changed = crate::layout::set_aside_changed(&maps_dir, &declared)?;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
-        loader.map_max_entries(map_names::CONNTRACK, ct_max_entries);
+        loader.map_max_entries(map_names::CONNTRACK, conntrack_size);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| AttachError::Load(Box::new(e)))?;
+        let (layout, catch_up) = crate::layout::migrate(&maps_dir, changed)?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -180,23 +192,11 @@ impl Programs {
                 source: Box::new(source),
             })?;
         }
-        // A pinned map is reused as it is: its size is the one it was created with.
-        if let Some(size) = aya::maps::MapData::from_pin(maps_dir.join(map_names::CONNTRACK))
-            .and_then(|m| m.info())
-            .ok()
-            .map(|i| i.max_entries())
-            && size != ct_max_entries
-        {
-            warn!(
-                pinned = size,
-                requested = ct_max_entries,
-                "the conntrack map pinned under the pin directory keeps its size; remove the \
-                 directory (detaching everything) to resize it"
-            );
-        }
         Ok(Self {
             ebpf,
             links_dir: pins.links_dir(),
+            layout,
+            catch_up: Some(catch_up),
         })
     }
 

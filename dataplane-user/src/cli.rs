@@ -19,6 +19,7 @@ use crate::DEFAULT_BPFFS_DIR;
   dataplane map-dump routes
   dataplane ctl apply -f policy.yaml --wait
   dataplane ctl node status
+  dataplane install-cni --etcd-endpoints http://10.0.0.5:2379
   dataplane completions bash > /etc/bash_completion.d/dataplane
 
 As a CNI plugin (CNI_COMMAND set) it reads the network config on stdin instead."
@@ -68,7 +69,7 @@ pub enum Command {
     ///       --log-format json --log-level info,dataplane::sync=debug
     ///   curl -s localhost:9099/readiness; curl -s localhost:9091/metrics
     ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 \
-    ///       --ct-max-entries 1048576 --ct-tcp-established-timeout 7200
+    ///       --conntrack-size 1048576 --ct-tcp-established-timeout 7200
     ///   dataplane agent --node node-1 --etcd-endpoints http://10.0.0.5:2379 \
     ///       --dataplane iptables --iptables-backend legacy
     ///   iptables-legacy-save -t filter | grep cali-; ipset list -n; ip route show proto 80
@@ -100,6 +101,52 @@ pub enum Command {
     ///   dataplane ctl node status -o json
     #[command(verbatim_doc_comment)]
     Ctl(CtlArgs),
+    /// Remove everything the agent installed on this node, for an uninstall: its TCX links
+    /// (the programs come off every interface), pinned maps and pin directory, and in the
+    /// iptables mode its cali- chains, the jumps to them, its cali- ipsets and its routes
+    /// (protocol 80).
+    ///
+    /// Run it in the node's network namespace with the agent stopped (a running agent's pin
+    /// directory is refused). Pods keep their veths and routes: their traffic goes back to
+    /// plain kernel routing, with no policy. Running it again removes nothing and says so.
+    ///
+    /// Examples:
+    ///   dataplane cleanup
+    ///   dataplane cleanup --bpffs-dir /sys/fs/bpf/dataplane
+    ///   kubectl -n kube-system delete ds dataplane && dataplane cleanup   # on each node
+    #[command(verbatim_doc_comment)]
+    Cleanup(CleanupArgs),
+    /// Install the CNI plugin on this node: the binary, the dataplane-ipam link, the network
+    /// config list and the node name file (the DaemonSet's init step).
+    ///
+    /// Copies --binary (default: this executable) to <cni-bin-dir>/dataplane, links
+    /// <cni-bin-dir>/dataplane-ipam to it, writes the node name to --nodename-file and renders
+    /// <cni-net-dir>/<conf-name> from the template: --network-config-template FILE, else the
+    /// text in $CNI_NETWORK_CONFIG, else a built-in one. Placeholders: __ETCD_ENDPOINTS__,
+    /// __ETCD_CA_CERT_FILE__, __ETCD_CERT_FILE__, __ETCD_KEY_FILE__, __CNI_MTU__,
+    /// __KUBERNETES_NODE_NAME__, __LOG_LEVEL__, __KUBECONFIG_FILEPATH__. The result must be a
+    /// config list with one "type": "dataplane" plugin that the plugin accepts; anything else
+    /// (not JSON, an unknown __PLACEHOLDER__ left, no etcd endpoints) is an error and nothing
+    /// is written.
+    ///
+    /// Every file is written to a hidden temporary name in its directory, synced and renamed
+    /// into place, so the kubelet never runs a half-written plugin or reads a half-written
+    /// config; files already right are not touched (running it twice changes nothing).
+    /// When /host exists (the host's root mounted into the pod), the default paths are under
+    /// it. With --watch it stays running and re-renders when the template file or the TLS files
+    /// change (flags and environment are read once: restart it to change those); it exits on
+    /// SIGTERM. --uninstall removes the files it installs.
+    ///
+    /// Examples:
+    ///   dataplane install-cni --etcd-endpoints http://10.0.0.5:2379
+    ///   dataplane install-cni --etcd-endpoints https://10.0.0.5:2379 --etcd-ca /etc/dataplane/ca.pem \
+    ///       --etcd-cert /etc/dataplane/cert.pem --etcd-key /etc/dataplane/key.pem --mtu 1480
+    ///   CNI_NETWORK_CONFIG="$(cat template.json)" ETCD_ENDPOINTS=http://10.0.0.5:2379 dataplane install-cni
+    ///   dataplane install-cni --network-config-template /etc/dataplane/config/cni_network_config \
+    ///       --copy-etcd-tls --watch
+    ///   dataplane install-cni --uninstall
+    #[command(verbatim_doc_comment)]
+    InstallCni(InstallCniArgs),
     /// Print a shell completion script.
     ///
     /// Examples:
@@ -113,6 +160,17 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
 }
+
+/// Environment variables that count as unset when empty (e.g. taken from a ConfigMap key left
+/// "" for plain-http etcd).
+pub const EMPTY_MEANS_UNSET: &[&str] = &[
+    "ETCD_CA_CERT_FILE",
+    "ETCD_CERT_FILE",
+    "ETCD_KEY_FILE",
+    "CNI_NETWORK_CONFIG_FILE",
+    "CNI_BIN_DIR",
+    "CNI_NET_DIR",
+];
 
 /// TLS files for etcd (shared by the commands that talk to it).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -362,12 +420,15 @@ pub struct AgentArgs {
     /// Conntrack: seconds an idle flow of any other protocol is kept.
     #[arg(long, default_value_t = CtTimeouts::DEFAULT.other, value_name = "SECS")]
     pub ct_other_timeout: u32,
-    /// Conntrack: most connections tracked at once (a full table refuses new connections).
-    /// Applies when the map is created: a map already pinned under --bpffs-dir keeps its size
-    /// (the agent warns); remove the pin directory to resize.
-    #[arg(long, default_value_t = dataplane_common::MAX_CONNTRACK, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
-    pub ct_max_entries: u32,
+    /// Conntrack table size (entries). Changing it on a restart remakes the table and
+    /// carries every tracked connection over.
+    #[arg(
+        long,
+        value_name = "ENTRIES",
+        default_value_t = dataplane_common::MAX_CONNTRACK,
+        value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
+    )]
+    pub conntrack_size: u32,
 }
 
 impl AgentArgs {
@@ -401,6 +462,76 @@ impl std::str::FromStr for Listen {
             .map(|a| Self(Some(a)))
             .map_err(|_| format!("{s:?} is not an address such as 0.0.0.0:9099 (or off)"))
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InstallCniArgs {
+    /// The host's CNI plugin directory [default: /host/opt/cni/bin when /host exists, else
+    /// /opt/cni/bin].
+    #[arg(long, env = "CNI_BIN_DIR", value_name = "DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The host's CNI config directory [default: /host/etc/cni/net.d when /host exists, else
+    /// /etc/cni/net.d].
+    #[arg(long, env = "CNI_NET_DIR", value_name = "DIR")]
+    pub cni_net_dir: Option<PathBuf>,
+    /// The config list's file name in --cni-net-dir (runtimes load the first in name order).
+    #[arg(long, env = "CNI_CONF_NAME", value_name = "NAME", default_value = crate::install_cni::DEFAULT_CONF_NAME)]
+    pub conf_name: String,
+    /// The template file (re-read by --watch). Without it: the text of $CNI_NETWORK_CONFIG,
+    /// else the built-in template.
+    #[arg(long, env = "CNI_NETWORK_CONFIG_FILE", value_name = "FILE")]
+    pub network_config_template: Option<PathBuf>,
+    /// etcd endpoints, comma separated (required to install).
+    #[arg(long, env = "ETCD_ENDPOINTS", value_name = "URLS")]
+    pub etcd_endpoints: Option<String>,
+    /// etcd TLS files. Without --copy-etcd-tls these must be paths on the host (the plugin
+    /// runs there) and are written into the config as given.
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
+    /// Copy the etcd TLS files into <cni-net-dir>/dataplane-tls/ (mode 0600) and write the
+    /// copies' host paths into the config: for a Secret mounted in the installer's pod.
+    #[arg(long, env = "CNI_COPY_ETCD_TLS")]
+    pub copy_etcd_tls: bool,
+    /// The pods' MTU (__CNI_MTU__).
+    #[arg(long, env = "CNI_MTU", default_value_t = 1440)]
+    pub mtu: u32,
+    /// This node's name [default: the hostname].
+    #[arg(long, env = "KUBERNETES_NODE_NAME", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Where the node name is written for the plugin [default:
+    /// /var/lib/dataplane/nodename, under /host when /host exists].
+    #[arg(long, value_name = "FILE")]
+    pub nodename_file: Option<PathBuf>,
+    /// The plugin's log level (__LOG_LEVEL__).
+    #[arg(
+        long,
+        env = "CNI_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    pub cni_log_level: String,
+    /// A kubeconfig path for the template (__KUBECONFIG_FILEPATH__; the plugin itself does
+    /// not use the Kubernetes API).
+    #[arg(
+        long,
+        env = "KUBECONFIG_FILEPATH",
+        value_name = "FILE",
+        default_value = ""
+    )]
+    pub kubeconfig: String,
+    /// The binary to install [default: this executable].
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
+    /// Keep running and keep the installed files current; exit on SIGTERM.
+    #[arg(long, conflicts_with = "uninstall")]
+    pub watch: bool,
+    /// With --watch: seconds between checks.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, requires = "watch")]
+    pub watch_interval: f64,
+    /// Remove the binary, the dataplane-ipam link, the config list, the node name file and
+    /// the TLS copies instead.
+    #[arg(long)]
+    pub uninstall: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -466,6 +597,13 @@ pub struct MapDumpArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The agent's pin directory.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
     /// The agent's pin directory.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,

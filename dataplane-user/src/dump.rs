@@ -814,7 +814,7 @@ pub fn write_conntrack(
 pub struct ConntrackStats {
     /// Entries in the map now.
     pub entries: u64,
-    /// The map's size (`agent --ct-max-entries` when it was created).
+    /// The map's size (`agent --conntrack-size`).
     pub max_entries: u64,
     /// entries / max_entries.
     pub fill: f64,
@@ -1199,6 +1199,19 @@ mod tests {
             let e = CtFilter::parse(p, a, None, s).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn hit_keys_fold_the_direction_into_the_rule() {
+        use dataplane_common::PolicyHitKey;
+        for (rule, egress) in [(0, false), (7, true), (u32::MAX, true), (u32::MAX, false)] {
+            let k = PolicyHitKey::new(3, rule, egress);
+            assert_eq!((k.policy, k.rule_index(), k.egress()), (3, rule, egress));
+        }
+        assert_ne!(
+            PolicyHitKey::new(3, 1, true),
+            PolicyHitKey::new(3, 1, false)
+        );
     }
 
     #[test]

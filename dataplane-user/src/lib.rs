@@ -3,22 +3,26 @@
 //!
 //! One module per concern: [`bpffs`] (the pin directory and its lock), [`attach`] (programs ↔
 //! interfaces), [`netlink`] (interface events), [`maps`] (typed access to pinned maps),
-//! [`agent`] (the reconcile loop), [`health`] and [`metrics`] (its HTTP endpoints), [`pinned`]
+//! [`agent`] (the reconcile loop), [`cleanup`] (uninstall), [`health`] and [`metrics`] (its HTTP endpoints), [`pinned`]
 //! (map fill and attached interfaces, read from the pins), [`dump`] (map-dump), [`cli`] (the
-//! command line). [`iptables`] is the other dataplane: routes, iptables and ipsets instead of
-//! programs, for comparison.
+//! command line), [`install_cni`] (puts the CNI plugin and its config on a node).
+//! [`iptables`] is the other dataplane: routes, iptables and ipsets instead of programs, for
+//! comparison.
 
 pub mod agent;
 pub mod attach;
 pub mod bpffs;
+pub mod cleanup;
 pub mod cli;
 pub mod cni;
 pub mod ctl;
 pub mod datastore;
 pub mod dump;
 pub mod health;
+pub mod install_cni;
 pub mod ipam;
 pub mod iptables;
+pub mod layout;
 pub mod maps;
 pub mod metrics;
 pub mod netlink;

@@ -9,7 +9,7 @@ use dataplane::{
     },
     ctl,
     datastore::{Datastore, EtcdConfig},
-    dump, error_chain,
+    dump, error_chain, install_cni,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +32,14 @@ fn main() -> ExitCode {
             dataplane::cni::PluginKind::Main
         };
         return dataplane::cni::main(kind);
+    }
+    // A ConfigMap key left "" becomes an empty variable: for these that means "not set" (plain
+    // http etcd), as clap would otherwise refuse the empty path.
+    for var in dataplane::cli::EMPTY_MEANS_UNSET {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // SAFETY: still single-threaded here (no runtime or thread started yet).
+            unsafe { std::env::remove_var(var) };
+        }
     }
     let cli = Cli::parse();
     let level = cli
@@ -63,7 +71,6 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         Command::Agent(args) => {
             let opts = AgentOptions {
                 ct_timeouts: args.ct_timeouts(),
-                ct_max_entries: args.ct_max_entries,
                 node: args.node,
                 etcd_endpoints: args.etcd_endpoints,
                 etcd_ca: args.tls.etcd_ca,
@@ -76,6 +83,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 health_listen: args.health_listen.0,
                 metrics_listen: args.metrics_listen.0,
                 readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
+                conntrack_size: args.conntrack_size,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -91,6 +99,42 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 .enable_all()
                 .build()?;
             rt.block_on(run_ctl(&args.etcd, args.command))?;
+        }
+        Command::Cleanup(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let mut removed = dataplane::cleanup::Removed::default();
+            // The BPF part first: it refuses a running agent before anything is touched.
+            dataplane::cleanup::remove_bpf(&args.bpffs_dir, &mut removed)?;
+            rt.block_on(dataplane::cleanup::remove_iptables(
+                &[
+                    dataplane::iptables::Backend::Nft,
+                    dataplane::iptables::Backend::Legacy,
+                ],
+                &mut removed,
+            ))?;
+            println!("{}", removed.summary());
+        }
+        Command::InstallCni(args) => {
+            let opts = args.options()?;
+            if args.uninstall {
+                for path in install_cni::uninstall(&opts)? {
+                    println!("removed {}", path.display());
+                }
+            } else if args.watch {
+                let interval = args.interval()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let shutdown = shutdown_signal()?;
+                    install_cni::watch(&opts, interval, shutdown).await?;
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                })?;
+            } else {
+                install_cni::report(&install_cni::Installer::default().install(&opts)?, true);
+            }
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -429,7 +429,7 @@ pub fn read_policy_hits(root: &Path) -> Result<BTreeMap<(u32, bool, u32), u64>, 
             source,
         })?;
         let sum = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
-        out.insert((k.policy, k.egress != 0, k.rule), sum);
+        out.insert((k.policy, k.egress(), k.rule_index()), sum);
     }
     Ok(out)
 }

@@ -946,13 +946,75 @@ impl Dataplane for MapWriter {
     }
 }
 
-/// Lists, applies, then follows the watch, until the watch is lost.
+/// What a sync keeps when its connection to etcd breaks: the model, programmed into the maps
+/// as of `revision`. The next attempt watches from `revision + 1` with it instead of listing
+/// again (no event missed: the watch starts right after the last programmed one; none
+/// applied twice: the model holds each key's last value, and a replayed event leaves it so).
+pub struct Resume {
+    model: Model,
+    revision: i64,
+}
+
+/// Why a watch ended.
+#[derive(Debug)]
+enum Lost {
+    /// etcd could not be reached (or a status write timed out: a silent partition): resume.
+    Unreachable(SyncError),
+    /// etcd ended the watch stream: resume (a compaction past our revision shows up then).
+    Closed,
+    /// Anything else (compacted past our revision, a map write refused): list again.
+    Relist(SyncError),
+}
+
+/// Lists and applies (or resumes from `resume`), then follows the watch until it is lost.
+/// On return `resume` holds what the next attempt may resume from.
 async fn sync_once<D: Dataplane>(
     ds: &Datastore,
     me: &str,
     writer: &mut D,
     obs: &SyncObserver,
+    resume: &mut Option<Resume>,
 ) -> Result<(), SyncError> {
+    let Resume {
+        mut model,
+        revision: mut programmed,
+    } = match resume.take() {
+        Some(r) => {
+            info!(
+                revision = r.revision,
+                "resuming the watch after the last programmed revision"
+            );
+            r
+        }
+        None => list_and_program(ds, me, writer, obs).await?,
+    };
+    let lost = follow(ds, me, writer, obs, &mut model, &mut programmed).await;
+    match lost {
+        Lost::Unreachable(e) => {
+            *resume = Some(Resume {
+                model,
+                revision: programmed,
+            });
+            Err(e)
+        }
+        Lost::Closed => {
+            *resume = Some(Resume {
+                model,
+                revision: programmed,
+            });
+            Ok(())
+        }
+        Lost::Relist(e) => Err(e),
+    }
+}
+
+/// A full list at one revision, programmed; the start of a watch.
+async fn list_and_program<D: Dataplane>(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut D,
+    obs: &SyncObserver,
+) -> Result<Resume, SyncError> {
     let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
     obs.seen(revision);
     let started = Instant::now();
@@ -971,22 +1033,69 @@ async fn sync_once<D: Dataplane>(
         "{} in sync with etcd",
         D::WHAT
     );
-    let mut programmed = revision;
-    obs.programmed(programmed);
-    report_status(ds, me, programmed, obs).await;
+    obs.programmed(revision);
+    // Best effort: the watch loop's refresh acts on a failure.
+    let _recorded = report_status(ds, me, revision, obs).await;
     writer.tidy()?;
-    let mut watch = ds.watch(PREFIX, revision + 1).await.map_err(Box::new)?;
+    Ok(Resume { model, revision })
+}
+
+/// One full list programmed into `writer`, without reporting it (the agent fills remade
+/// maps this way before attaching; its sync then finds them in step). Returns the revision.
+pub async fn prefill<D: Dataplane>(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut D,
+) -> Result<i64, SyncError> {
+    let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
+    let mut model = Model::default();
+    for e in &entries {
+        model.apply(&e.key, Some(&e.value));
+    }
+    writer.program(&model, me).await?;
+    Ok(revision)
+}
+
+/// Follows the watch from `programmed + 1`, applying each batch to `model` and the maps.
+async fn follow<D: Dataplane>(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut D,
+    obs: &SyncObserver,
+    model: &mut Model,
+    programmed: &mut i64,
+) -> Lost {
+    let ds_lost = |e: DatastoreError| {
+        if e.is_unavailable() {
+            Lost::Unreachable(SyncError::Datastore(Box::new(e)))
+        } else {
+            Lost::Relist(SyncError::Datastore(Box::new(e)))
+        }
+    };
+    let mut watch = match ds.watch(PREFIX, *programmed + 1).await {
+        Ok(w) => w,
+        Err(e) => return ds_lost(e),
+    };
     let mut refresh = tokio::time::interval(STATUS_REFRESH);
     loop {
         let next = tokio::select! {
-            n = watch.next() => n.map_err(Box::new)?,
+            n = watch.next() => match n {
+                Ok(n) => n,
+                Err(e) => return ds_lost(e),
+            },
             _ = refresh.tick() => {
-                report_status(ds, me, programmed, obs).await;
+                // A watch carries nothing while etcd is cut off without a reset (a partition):
+                // the status write is what notices.
+                if let Err(e) = report_status(ds, me, *programmed, obs).await
+                    && e.is_unavailable()
+                {
+                    return Lost::Unreachable(SyncError::Datastore(Box::new(e)));
+                }
                 continue;
             }
         };
         let Some((events, revision)) = next else {
-            break;
+            return Lost::Closed;
         };
         obs.seen(revision);
         if !events.is_empty() {
@@ -994,63 +1103,86 @@ async fn sync_once<D: Dataplane>(
             for e in &events {
                 model.apply(&e.key, e.value.as_deref());
             }
-            let c = writer.program(&model, me).await?;
+            let c = match writer.program(model, me).await {
+                Ok(c) => c,
+                Err(e) => return Lost::Relist(e),
+            };
             obs.applied(false, started.elapsed());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
         }
-        if revision > programmed {
-            programmed = revision;
-            obs.programmed(programmed);
-            report_status(ds, me, programmed, obs).await;
+        if revision > *programmed {
+            *programmed = revision;
+            obs.programmed(revision);
+            // Best effort here; the refresh above is what acts on a failure.
+            let _recorded = report_status(ds, me, revision, obs).await;
         }
-        writer.tidy()?;
+        if let Err(e) = writer.tidy() {
+            return Lost::Relist(e);
+        }
     }
-    Ok(())
 }
 
 /// How often an agent refreshes its status key (its liveness).
 pub const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
-/// Records that this node's maps reflect etcd up to `revision`. A failure is logged only:
-/// the next write or refresh tries again. (Also how a watch that went silent because etcd
-/// did shows up: the write fails.)
-async fn report_status(ds: &Datastore, me: &str, revision: i64, obs: &SyncObserver) {
+/// Records that this node's maps reflect etcd up to `revision`. A failure is logged (the
+/// next write or refresh tries again) and returned.
+async fn report_status(
+    ds: &Datastore,
+    me: &str,
+    revision: i64,
+    obs: &SyncObserver,
+) -> Result<(), DatastoreError> {
     let status = crate::datastore::NodeStatus::new(me, revision);
     match ds.put_node_status(&status).await {
-        Ok(()) => obs.etcd_reachable(),
+        Ok(()) => {
+            obs.etcd_reachable();
+            Ok(())
+        }
         Err(e) => {
             if e.is_unavailable() {
                 obs.etcd_unreachable();
             }
             debug!(error = %e, "status not recorded");
+            Err(e)
         }
     }
 }
 
+/// Longest wait between two attempts while etcd is unreachable: short, so that the maps catch
+/// up within about a second of etcd's return (an attempt costs a refused connection).
+const UNREACHABLE_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Keeps the maps in step with etcd for node `me`, forever: on any error (etcd down, watch
-/// compacted, a map write refused) it logs, waits, and starts over from a fresh list. The
-/// maps keep their last state meanwhile. `obs` hears of its progress (readiness, metrics).
+/// compacted, a map write refused) it logs, waits, and starts over: from its last programmed
+/// revision when only the connection was lost, else from a fresh list. The maps keep their
+/// last state meanwhile. `obs` hears of its progress (readiness, metrics).
 pub async fn run<D: Dataplane>(ds: Datastore, me: String, mut writer: D, obs: SyncObserver) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut delay = FIRST_RETRY;
+    let mut resume = None;
     loop {
         let started = Instant::now();
-        let result = sync_once(&ds, &me, &mut writer, &obs).await;
+        let result = sync_once(&ds, &me, &mut writer, &obs, &mut resume).await;
         // A sync that ran for a while was healthy: the next failure starts the back-off over.
         if started.elapsed() > Duration::from_secs(10) {
             delay = FIRST_RETRY;
         }
+        let mut wait = delay;
         match result {
-            Ok(()) => info!("etcd closed the watch; re-listing"),
+            Ok(()) => info!("etcd closed the watch; resuming it"),
             Err(e) => {
-                if matches!(e, SyncError::Datastore(_)) {
+                if let SyncError::Datastore(d) = &e {
                     obs.etcd_unreachable();
+                    if d.is_unavailable() {
+                        wait = wait.min(UNREACHABLE_RETRY_MAX);
+                    }
                 }
-                warn!(error = %crate::error_chain(&e), retry_in = ?delay, "datastore sync interrupted")
+                warn!(error = %crate::error_chain(&e), retry_in = ?wait, resume = resume.is_some(), "datastore sync interrupted")
             }
         }
         obs.restarting();
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(wait).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }

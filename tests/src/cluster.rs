@@ -264,6 +264,9 @@ pub struct Etcd {
     pub tls: bool,
     /// Where the TLS files are (for a restart).
     tls_dir: Option<std::path::PathBuf>,
+    /// Member name and the `--initial-cluster` it was started with.
+    name: String,
+    initial_cluster: String,
 }
 
 /// Certificates for an etcd with mutual TLS, made with the openssl CLI in a temporary dir:
@@ -409,8 +412,28 @@ impl Etcd {
     }
 
     fn start_with(fabric: &Fabric, tls: Option<&TlsFiles>) -> Self {
-        let ns = Netns::new(&format!("{}-etcd", fabric.id));
-        fabric.plug(&ns, "eth0", 1, ETCD_IP);
+        let etcd = Self::launch(
+            fabric,
+            tls,
+            "etcd0",
+            ETCD_IP,
+            &format!("etcd0=http://{ETCD_IP}:2380"),
+        );
+        etcd.wait_healthy(Duration::from_secs(20));
+        etcd
+    }
+
+    /// Starts member `name` at `ip` of the cluster `initial_cluster` (etcd's
+    /// `name=peer-url,…`) in a namespace of its own; does not wait for it.
+    fn launch(
+        fabric: &Fabric,
+        tls: Option<&TlsFiles>,
+        name: &str,
+        ip: Ipv4Addr,
+        initial_cluster: &str,
+    ) -> Self {
+        let ns = Netns::new(&format!("{}-{name}", fabric.id));
+        fabric.plug(&ns, "eth0", 1, ip);
         // Replies to nodes on the second subnet go through the router.
         let gw = format!(
             "{}.{}.{}.{ROUTER_HOST}",
@@ -422,42 +445,37 @@ impl Etcd {
             .tempdir()
             .unwrap();
         let tls_dir = tls.map(|t| t.dir.path().to_owned());
-        let child = Self::spawn(&ns, data_dir.path(), tls_dir.as_deref(), false);
-        let etcd = Self {
-            process: ChildGuard::new(child, "etcd"),
+        let mut etcd = Self {
+            process: ChildGuard {
+                child: None,
+                what: String::new(),
+            },
             ns,
             data_dir,
-            ip: ETCD_IP,
+            ip,
             tls: tls.is_some(),
             tls_dir,
+            name: name.to_owned(),
+            initial_cluster: initial_cluster.to_owned(),
         };
-        etcd.wait_healthy(Duration::from_secs(20));
+        etcd.process = ChildGuard::new(etcd.spawn(false), format!("etcd {name}"));
         etcd
     }
 
     /// Starts etcd again on the same data (after `process.stop`, say) and waits until it
     /// serves clients.
     pub fn restart(&mut self) {
-        let child = Self::spawn(
-            &self.ns,
-            self.data_dir.path(),
-            self.tls_dir.as_deref(),
-            true,
-        );
-        self.process = ChildGuard::new(child, "etcd (restarted)");
+        self.process = ChildGuard::new(self.spawn(true), format!("etcd {} (restarted)", self.name));
         self.wait_healthy(Duration::from_secs(20));
     }
 
     /// The etcd process, logging into the data dir (appending on a restart).
-    fn spawn(
-        ns: &Netns,
-        data_dir: &std::path::Path,
-        tls: Option<&std::path::Path>,
-        append: bool,
-    ) -> std::process::Child {
+    fn spawn(&self, append: bool) -> std::process::Child {
+        let tls = self.tls_dir.as_deref();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://{ETCD_IP}:2379");
-        let peer = format!("http://{ETCD_IP}:2380");
+        let client = format!("{scheme}://{}:2379", self.ip);
+        let peer = format!("http://{}:2380", self.ip);
+        let data_dir = self.data_dir.path();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(append)
@@ -465,7 +483,7 @@ impl Etcd {
             .truncate(!append)
             .open(data_dir.join("etcd.log"))
             .unwrap();
-        let mut cmd = ns.command("etcd");
+        let mut cmd = self.ns.command("etcd");
         if let Some(t) = tls {
             let f = |n: &str| t.join(n).display().to_string();
             cmd.args([
@@ -478,7 +496,7 @@ impl Etcd {
                 "--client-cert-auth",
             ]);
         }
-        cmd.args(["--name", "etcd0", "--data-dir"])
+        cmd.args(["--name", &self.name, "--data-dir"])
             .arg(data_dir.join("data"))
             .args([
                 "--listen-client-urls",
@@ -490,7 +508,7 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer,
                 "--initial-cluster",
-                &format!("etcd0={peer}"),
+                &self.initial_cluster,
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -533,6 +551,46 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// A cluster of etcd members (plaintext), each in a namespace of its own on the fabric:
+/// 192.168.1.250, .249, .248, …
+#[derive(Debug)]
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    pub fn start(fabric: &Fabric, n: u8) -> Self {
+        let ips: Vec<Ipv4Addr> = (0..n)
+            .map(|i| Ipv4Addr::new(SUBNET_1[0], SUBNET_1[1], SUBNET_1[2], 250 - i))
+            .collect();
+        let initial: Vec<String> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("etcd{i}=http://{ip}:2380"))
+            .collect();
+        let initial = initial.join(",");
+        // All members first: none is healthy before a quorum runs.
+        let members: Vec<Etcd> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| Etcd::launch(fabric, None, &format!("etcd{i}"), *ip, &initial))
+            .collect();
+        for m in &members {
+            m.wait_healthy(Duration::from_secs(30));
+        }
+        Self { members }
+    }
+
+    /// Every member's client URL, comma separated (as `--etcd-endpoints` takes them).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -2,8 +2,12 @@
 //! agents), every piece torn down by a guard even when a test panics, with names unique on the
 //! machine so tests run in parallel. Needs root.
 
+pub mod checker;
 pub mod cluster;
 pub mod cni;
+pub mod containerd;
+pub mod cri;
+pub mod load;
 pub mod netns;
 pub mod netpol;
 pub mod packets;

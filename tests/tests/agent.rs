@@ -344,7 +344,7 @@ fn root_bpftool_shows_every_pinned_map_with_field_names() {
         (map_names::NODES, &["'NodeValue'", "'flags'"][..]),
         (
             map_names::POLICY_HITS,
-            &["'PolicyHitKey'", "'policy'", "'rule'", "'egress'"][..],
+            &["'PolicyHitKey'", "'policy'", "'rule'"][..],
         ),
         (
             map_names::POLICY_RULES,

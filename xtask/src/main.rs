@@ -32,7 +32,8 @@ enum Command {
     /// "installing X". Checks the nightly toolchain (installs it if possible), its rust-src and
     /// clippy components, the libLLVM.so symlink in its sysroot, bpf-linker (built against the
     /// nightly's own LLVM), and the Debian packages the tests use (etcd, iproute2, iptables,
-    /// ipset, iperf3, bpftool, tcpdump, CNI plugins, protoc, procps).
+    /// ipset, iperf3, bpftool, tcpdump, CNI plugins, protoc, procps), and kubernetes-validate
+    /// (PyPI, in a venv under /opt/dataplane-tools) for the deploy/ manifests' schema test.
     Setup,
     /// Run setup, lints, build, all tests and a benchmark smoke run, then print a summary (root).
     ///

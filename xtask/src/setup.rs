@@ -26,6 +26,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "procps",
     "iputils-ping",
+    // The containerd end-to-end test: a real runtime and the only binary of its image.
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 /// Components the nightly toolchain needs: `rust-src` for `-Z build-std=core`, clippy for the
@@ -41,7 +45,49 @@ pub fn run_setup() -> Result<()> {
     libllvm_symlink(&sysroot).context("setup: libLLVM.so symlink")?;
     bpf_linker(&sysroot).context("setup: bpf-linker")?;
     debian_packages().context("setup: Debian packages")?;
+    kubernetes_validate().context("setup: kubernetes-validate")?;
     Ok(())
+}
+
+/// The offline Kubernetes schema validator the deploy/ test runs (PyPI `kubernetes-validate`,
+/// which bundles the API's OpenAPI schemas), in its own venv so the system Python is left
+/// alone.
+pub const TOOLS_VENV: &str = "/opt/dataplane-tools/venv";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = Path::new(TOOLS_VENV);
+    let exe = venv.join("bin/kubernetes-validate");
+    let installed = probe(cmd(&exe).arg("--version"))
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if installed.as_deref() == Some(KUBERNETES_VALIDATE_VERSION) {
+        println!("ok: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} already present");
+        return Ok(());
+    }
+    println!("installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {TOOLS_VENV}");
+    if !venv.join("bin/pip").is_file() {
+        // Debian's python3 ships venv separately.
+        if !probe(cmd("python3").args(["-m", "venv", "--help"])).is_some_and(|o| o.status.success())
+        {
+            run(cmd("apt-get").arg("update"))?;
+            run(cmd("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args([
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    "python3",
+                    "python3-venv",
+                ]))?;
+        }
+        run(cmd("python3").args(["-m", "venv"]).arg(venv))?;
+    }
+    run(cmd(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
 }
 
 fn nightly_toolchain() -> Result<()> {

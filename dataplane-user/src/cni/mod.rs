@@ -6,7 +6,7 @@
 pub mod delegate;
 pub mod netsetup;
 mod plugin;
-pub use plugin::local_node_name;
+pub use plugin::{NODENAME_FILE, local_node_name};
 pub mod types;
 
 use std::io::Read as _;

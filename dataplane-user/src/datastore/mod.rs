@@ -370,7 +370,12 @@ impl Watch {
 /// A connection to etcd. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct Datastore {
-    client: Client,
+    /// One client per endpoint: a request goes to the member that answered last and moves
+    /// on to the next when that one cannot be reached (the client's own balancing sends
+    /// requests to a dead member as readily as to a live one).
+    clients: Vec<Client>,
+    /// Index of the member that answered last.
+    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     endpoints: String,
     timeout: Duration,
 }
@@ -454,20 +459,26 @@ impl Datastore {
     pub async fn connect(cfg: &EtcdConfig) -> Result<Self, DatastoreError> {
         let opts = connect_options(cfg)?;
         let endpoints = cfg.endpoints.join(",");
-        let client = tokio::time::timeout(cfg.timeout, Client::connect(&cfg.endpoints, Some(opts)))
-            .await
-            .map_err(|_| DatastoreError::Timeout {
-                op: "connect to",
-                key: "etcd".to_owned(),
-                endpoints: endpoints.clone(),
-                timeout: cfg.timeout,
-            })?
-            .map_err(|error| DatastoreError::Connect {
-                endpoints: endpoints.clone(),
-                error,
-            })?;
+        let mut clients = Vec::with_capacity(cfg.endpoints.len());
+        for endpoint in &cfg.endpoints {
+            let client =
+                tokio::time::timeout(cfg.timeout, Client::connect([endpoint], Some(opts.clone())))
+                    .await
+                    .map_err(|_| DatastoreError::Timeout {
+                        op: "connect to",
+                        key: "etcd".to_owned(),
+                        endpoints: endpoints.clone(),
+                        timeout: cfg.timeout,
+                    })?
+                    .map_err(|error| DatastoreError::Connect {
+                        endpoints: endpoints.clone(),
+                        error,
+                    })?;
+            clients.push(client);
+        }
         Ok(Self {
-            client,
+            clients,
+            preferred: Default::default(),
             endpoints,
             timeout: cfg.timeout,
         })
@@ -478,8 +489,41 @@ impl Datastore {
         &self.endpoints
     }
 
+    /// Runs the request `f` makes with a member's client: first the member that answered
+    /// last, then each other one while they cannot be reached. Errors name `op` and `key`.
+    /// (A write retried on another member after a timeout is safe: writes that race are
+    /// transactions on a mod revision, the others put the same value again.)
+    async fn call<T, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<T, DatastoreError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.clients.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n.max(1);
+        let mut result = Err(DatastoreError::Config("no etcd endpoints".to_owned()));
+        for k in 0..n {
+            let i = (first + k) % n;
+            result = self.call_one(op, key, f(self.clients[i].clone())).await;
+            match &result {
+                Err(e) if e.is_unavailable() => {
+                    debug!(op, key, member = i, error = %e, "etcd member unreachable; trying the next");
+                }
+                _ => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        result
+    }
+
     /// Runs one request with the request timeout, mapping errors to name `op` and `key`.
-    async fn call<T>(
+    async fn call_one<T>(
         &self,
         op: &'static str,
         key: &str,
@@ -522,14 +566,22 @@ impl Datastore {
         key: &str,
         txn: Txn,
     ) -> Result<TxnResponse, DatastoreError> {
-        let mut kv = self.client.kv_client();
-        self.call(op, key, kv.txn(txn)).await
+        self.call(op, key, |c| {
+            let txn = txn.clone();
+            async move { c.kv_client().txn(txn).await }
+        })
+        .await
     }
 
     /// The raw value at `key` and its mod revision.
     pub async fn get_raw(&self, key: &str) -> Result<Option<RawValue>, DatastoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.call("get", key, kv.get(key, None)).await?;
+        let resp = self
+            .call(
+                "get",
+                key,
+                |c| async move { c.kv_client().get(key, None).await },
+            )
+            .await?;
         Ok(resp.kvs().first().map(|kv| RawValue {
             key: key.to_owned(),
             value: kv.value().to_vec(),
@@ -552,8 +604,13 @@ impl Datastore {
         key: &str,
         value: impl Into<Vec<u8>>,
     ) -> Result<i64, DatastoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.call("put", key, kv.put(key, value, None)).await?;
+        let value: Vec<u8> = value.into();
+        let resp = self
+            .call("put", key, |c| {
+                let value = value.clone();
+                async move { c.kv_client().put(key, value, None).await }
+            })
+            .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -591,9 +648,11 @@ impl Datastore {
             .with_prefix()
             .with_start_revision(from_revision)
             .with_progress_notify();
-        let mut client = self.client.watch_client();
         let stream = self
-            .call("watch", prefix, client.watch(prefix, Some(opts)))
+            .call("watch", prefix, |c| {
+                let opts = opts.clone();
+                async move { c.watch_client().watch(prefix, Some(opts)).await }
+            })
             .await?;
         Ok(Watch {
             stream,
@@ -619,9 +678,11 @@ impl Datastore {
             if keys_only {
                 opts = opts.with_keys_only();
             }
-            let mut kv = self.client.kv_client();
             let resp = self
-                .call("list", prefix, kv.get(start.clone(), Some(opts)))
+                .call("list", prefix, |c| {
+                    let (start, opts) = (start.clone(), opts.clone());
+                    async move { c.kv_client().get(start, Some(opts)).await }
+                })
                 .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
@@ -741,9 +802,10 @@ impl Datastore {
     ) -> Result<bool, DatastoreError> {
         match mod_revision {
             None => {
-                let mut kv = self.client.kv_client();
                 let resp = self
-                    .call("delete", key, kv.delete(key, None::<DeleteOptions>))
+                    .call("delete", key, |c| async move {
+                        c.kv_client().delete(key, None::<DeleteOptions>).await
+                    })
                     .await?;
                 Ok(resp.deleted() > 0)
             }

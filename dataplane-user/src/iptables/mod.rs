@@ -412,6 +412,84 @@ impl Writer {
     }
 }
 
+/// Removes our chains from the filter table through `backend`: the jumps to them from the
+/// built-in chains first, then the chains (flushed, then deleted, so references between
+/// them do not matter). Returns (chains, jumps) removed. A backend whose tools are not
+/// installed has nothing of ours.
+pub async fn remove_ours(backend: Backend) -> Result<(usize, usize), IptablesError> {
+    let save = match run(backend.save(), &["-t", "filter"], "").await {
+        Ok(s) => s,
+        Err(IptablesError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok((0, 0));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut chains = Vec::new();
+    let mut jumps = Vec::new();
+    for line in save.lines() {
+        if let Some(chain) = line.strip_prefix(':')
+            && let Some(name) = chain.split_whitespace().next()
+            && name.starts_with(PREFIX)
+        {
+            chains.push(name.to_owned());
+        } else if let Some(rule) = line.strip_prefix("-A ")
+            && let Some(chain) = rule.split_whitespace().next()
+            && !chain.starts_with(PREFIX)
+            && rule.contains(&format!("-j {PREFIX}"))
+        {
+            jumps.push(rule.to_owned());
+        }
+    }
+    if chains.is_empty() && jumps.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut input = String::from("*filter\n");
+    for rule in &jumps {
+        input.push_str(&format!("-D {rule}\n"));
+    }
+    for chain in &chains {
+        input.push_str(&format!("-F {chain}\n"));
+    }
+    for chain in &chains {
+        input.push_str(&format!("-X {chain}\n"));
+    }
+    input.push_str("COMMIT\n");
+    run(backend.restore(), &["--noflush"], &input).await?;
+    info!(
+        backend = backend.name(),
+        chains = chains.len(),
+        jumps = jumps.len(),
+        "removed our iptables chains"
+    );
+    Ok((chains.len(), jumps.len()))
+}
+
+/// Removes our ipsets (once no rule references them) and our routes (protocol 80). Returns
+/// (ipsets, routes) removed. No `ipset` tool: no sets of ours.
+pub async fn remove_sets_and_routes() -> Result<(usize, usize), IptablesError> {
+    let mut sets = 0;
+    match run("ipset", &["list", "-n"], "").await {
+        Ok(names) => {
+            for name in names
+                .lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with(PREFIX))
+            {
+                run("ipset", &["destroy", name], "").await?;
+                sets += 1;
+            }
+        }
+        Err(IptablesError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let ours = routes::read().await?;
+    let (_, removed) = routes::apply(&ours, &routes::Routes::new(), 0).await?;
+    Ok((sets, removed))
+}
+
 impl Dataplane for Writer {
     const WHAT: &'static str = "routes and iptables";
 
