@@ -496,6 +496,18 @@ fn vxlan(d: &Deployment) -> anyhow::Result<()> {
             "ip",
             &["link", "set", &p.sb.ifname, "mtu", "1450"],
         )?;
+        // Every other node now sends to this pod through its vxlan0.
+        for n in nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != p.node)
+            .map(|x| x.1)
+        {
+            let route = in_ns(&n.ns, "ip", &["route", "get", &p.ip.to_string()])?;
+            if !route.contains("dev vxlan0") {
+                bail!("{}: {} is not routed through vxlan0: {route}", n.name, p.ip);
+            }
+        }
     }
     Ok(())
 }
