@@ -27,6 +27,10 @@ enum Bench {
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
 #[derive(Debug, Parser)]
+#[command(after_help = "Examples:
+  dataplane-benches --quick
+  dataplane-benches --only datapath --datapath-rounds 2 --datapath-rules 0,1000
+  dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000")]
 struct Args {
     /// A reduced run for CI smoke checks (fewer samples; checks that figures are produced,
     /// not their values).
@@ -55,6 +59,10 @@ struct Args {
     /// with --quick).
     #[arg(long)]
     ct_entries: Option<u32>,
+    /// WorkloadEndpoints written for the datapath bench's memory figures, taken under the
+    /// largest rule count of --datapath-rules (default 1000, or 20 with --quick).
+    #[arg(long)]
+    datapath_endpoints: Option<usize>,
 }
 
 fn write_report(name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -97,6 +105,9 @@ fn main() -> anyhow::Result<()> {
         let mut plan = datapath::Plan::new(args.quick);
         if let Some(r) = args.datapath_rounds {
             plan.rounds = r;
+        }
+        if let Some(e) = args.datapath_endpoints {
+            plan.endpoints = e;
         }
         if let Some(r) = &args.datapath_rules {
             plan.bpf_only_rules.retain(|n| !r.contains(n));

@@ -115,6 +115,7 @@ fn tcp_term(peer: Option<Ipv4Addr>, port: u16) -> Term {
                 .map(|p| vec![vec![Ipv4Net::from(p)]])
                 .unwrap_or_default(),
             none_of: Vec::new(),
+            nets: None,
         },
         dport: PortSet {
             any_of: Some(vec![(port, port)]),

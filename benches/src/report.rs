@@ -24,11 +24,12 @@ pub const METRICS: [(&str, &str, bool); 10] = [
 ];
 
 /// The ratios the report gives: (numerator, denominator, paths).
-const PAIRS: [(&str, &str); 4] = [
+const PAIRS: [(&str, &str); 5] = [
     ("bpf", "iptables"),
     ("bpf", "bare"),
     ("iptables", "bare"),
     ("bpf-ipip", "bpf"),
+    ("bpf-ipip", "bare-vxlan"),
 ];
 
 #[derive(Debug, Serialize)]
@@ -261,7 +262,6 @@ pub fn build(plan: &Plan, s: &Samples, dir: &Path) -> Report {
         errors: s.errors.clone(),
         not_measured: vec![
             "agent RSS and map memory at 1,000 endpoints use WorkloadEndpoints written to etcd without real pods or interfaces (the BPF agent has no interface to attach to; the policy bench's compile figures give the maps of 1,000 endpoints with distinct policies)",
-            "bpf IP-in-IP against the kernel's VXLAN on bare",
             "CPU time of ksoftirqd and of the agents during the traffic",
         ],
     }
@@ -319,7 +319,7 @@ pub fn markdown(r: &Report) -> String {
     let rules: BTreeSet<usize> = r.records.iter().map(|x| x.rules).collect();
     writeln!(
         m,
-        "# Datapath: bpf vs iptables vs bare\n\ncommit `{}`, kernel {}, {} × {}; {} round(s){}, configurations interleaved round by round; client and server pinned to CPU 0. RR: {} connections × {} ms; CRR: {} ms; stream: iperf3 {} s.\n\nRatios are the median of per-round ratios, (min–max) over rounds. For rates higher is better; for latency and CPU lower is better. `bare` takes no rules: its figure is that rule block's baseline. `bpf-ipip` is BPF with IP-in-IP Always (cross node only; the kernel has no ipip module, so iptables cannot encapsulate). CPU counted: {}.\n",
+        "# Datapath: bpf vs iptables vs bare\n\ncommit `{}`, kernel {}, {} × {}; {} round(s){}, configurations interleaved round by round; client and server pinned to CPU 0. RR: {} connections × {} ms; CRR: {} ms; stream: iperf3 {} s.\n\nRatios are the median of per-round ratios, (min–max) over rounds. For rates higher is better; for latency and CPU lower is better. `bare` takes no rules: its figure is that rule block's baseline. `bpf-ipip` is BPF with IP-in-IP Always (cross node only; the kernel has no ipip module, so iptables cannot encapsulate); `bare-vxlan` is bare routing through the kernel's own VXLAN (cross node only, pod MTU 1450), the encapsulation `bpf-ipip` is compared against. CPU counted: {}.\n",
         r.commit,
         r.machine.kernel,
         r.machine.nproc,
@@ -336,9 +336,9 @@ pub fn markdown(r: &Report) -> String {
         writeln!(m, "## {path}\n").expect("write to a String");
         writeln!(
             m,
-            "| metric | rules | bare | iptables | bpf | bpf-ipip | bpf/iptables | bpf/bare | iptables/bare | bpf N/0 | iptables N/0 |"
+            "| metric | rules | bare | bare-vxlan | iptables | bpf | bpf-ipip | bpf/iptables | bpf/bare | iptables/bare | bpf N/0 | iptables N/0 |"
         ).expect("write to a String");
-        writeln!(m, "|---|---:|---:|---:|---:|---:|---|---|---|---|---|")
+        writeln!(m, "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|")
             .expect("write to a String");
         for (metric, unit, _) in METRICS {
             for &n in &rules {
@@ -347,8 +347,9 @@ pub fn markdown(r: &Report) -> String {
                 };
                 writeln!(
                     m,
-                    "| {metric} ({unit}) | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {metric} ({unit}) | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     v("bare"),
+                    v("bare-vxlan"),
                     v("iptables"),
                     v("bpf"),
                     v("bpf-ipip"),
@@ -378,6 +379,19 @@ pub fn markdown(r: &Report) -> String {
     }
     writeln!(
         m,
+        "\n## cross-node: bpf IP-in-IP / the kernel's VXLAN (bare-vxlan)\n\nOur encapsulation (BPF, IP-in-IP, with the rule block's rules) against the kernel's (bare routing through `vxlan0`, no policy); labelled as such: different encapsulations (20 bytes of outer header against 50).\n\n| metric | rules | ratio |\n|---|---:|---|"
+    )
+    .expect("write to a String");
+    for (metric, _, _) in METRICS {
+        for &n in &rules {
+            if let Some(x) = find_ratio(r, "bpf-ipip", "bare-vxlan", "cross-node", metric, n, n) {
+                writeln!(m, "| {metric} | {n} | {} |", fmt_ratio(Some(x)))
+                    .expect("write to a String");
+            }
+        }
+    }
+    writeln!(
+        m,
         "\n## Control plane\n\nTime to program N rules: `ctl apply --wait` wall time (parse, etcd write, until every agent reports it in force) and its own `in force` figure (etcd write → in force on every node). Agent RSS: largest of the 3 agents after it (2 pods per node). BPF map memlock: node 1's pinned maps.\n\n| config | rules | apply wall ms | in force ms | agent RSS KiB | BPF map memlock bytes |\n|---|---:|---:|---:|---:|---:|"
     ).expect("write to a String");
     let opt = |v: Option<String>| v.unwrap_or_else(|| "–".into());
@@ -400,14 +414,14 @@ pub fn markdown(r: &Report) -> String {
     }
     writeln!(
         m,
-        "\n### Memory with many endpoints\n\nWorkloadEndpoints written straight to etcd for node 3 (no pods, no interfaces), under the rules in force; settled = a marker policy applied with `--wait` after them.\n\n| config | endpoints | rules | agent RSS KiB before → after | BPF maps memlock B before → after | write ms | settled ms |\n|---|---:|---:|---|---|---:|---:|"
+        "\n### Memory with many endpoints\n\nWorkloadEndpoints written straight to etcd for node 3 (no pods, no interfaces), under the largest rule count every configuration takes (BPF brought back to it from its BPF-only counts); settled = a marker policy applied with `--wait` after them, capped at 300 s (BPF) and 120 s (iptables): \"not settled\" gives the time reached, and the memory at that moment.\n\n| config | endpoints | rules | agent RSS KiB before → after | BPF maps memlock B before → after | write ms | settled ms |\n|---|---:|---:|---|---|---:|---:|"
     )
     .expect("write to a String");
     let o2 = |v: Option<u64>| v.map_or("–".to_owned(), |v| v.to_string());
     for e in &r.endpoints_memory {
         writeln!(
             m,
-            "| {} | {} | {} | {} → {} | {} → {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} → {} | {} → {} | {:.0} | {} |",
             e.config,
             e.endpoints,
             e.rules,
@@ -416,7 +430,15 @@ pub fn markdown(r: &Report) -> String {
             o2(e.bpf_map_memlock_bytes_before),
             o2(e.bpf_map_memlock_bytes_after),
             e.write_ms,
-            e.settle_ms
+            if e.settled {
+                format!("{:.0}", e.settle_ms)
+            } else {
+                format!(
+                    "not settled after {:.0} ({})",
+                    e.settle_ms,
+                    e.note.as_deref().unwrap_or("")
+                )
+            }
         )
         .expect("write to a String");
     }
@@ -472,6 +494,7 @@ pub fn svg(r: &Report) -> String {
         .collect();
     let colours = [
         ("bare", "#555555"),
+        ("bare-vxlan", "#9467bd"),
         ("iptables", "#d62728"),
         ("bpf", "#1f77b4"),
         ("bpf-ipip", "#2ca02c"),
@@ -597,6 +620,7 @@ pub fn check_complete(plan: &Plan, r: &Report) -> anyhow::Result<()> {
         .collect();
     for (config, paths, takes) in [
         ("bare", &["same-node", "cross-node"][..], false),
+        ("bare-vxlan", &["cross-node"][..], false),
         ("iptables", &["same-node", "cross-node"][..], true),
         ("bpf", &["same-node", "cross-node"][..], true),
         ("bpf-ipip", &["cross-node"][..], true),
@@ -623,6 +647,21 @@ pub fn check_complete(plan: &Plan, r: &Report) -> anyhow::Result<()> {
             missing.push(format!("{config}: time to program rules"));
         }
     }
+    // Memory with many endpoints, under the largest common rule count (a figure even when the
+    // agent did not settle within its cap).
+    let mem_rules = plan.rules.iter().copied().max().unwrap_or(0);
+    for config in ["bpf", "iptables"] {
+        if !r
+            .endpoints_memory
+            .iter()
+            .any(|e| e.config == config && e.rules == mem_rules && e.endpoints == plan.endpoints)
+        {
+            missing.push(format!(
+                "{config}: memory at {} endpoints and {mem_rules} rules",
+                plan.endpoints
+            ));
+        }
+    }
     if !missing.is_empty() {
         anyhow::bail!("datapath: no figures for {}", missing.join("; "));
     }
@@ -641,4 +680,111 @@ pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{EndpointsMemory, Plan, Samples};
+
+    /// Samples with every figure `plan` asks for, from every configuration.
+    fn full(plan: &Plan) -> Samples {
+        let mut s = Samples::default();
+        let configs: [(&str, &[&str], bool); 5] = [
+            ("bare", &["same-node", "cross-node"], false),
+            ("bare-vxlan", &["cross-node"], false),
+            ("iptables", &["same-node", "cross-node"], false),
+            ("bpf", &["same-node", "cross-node"], true),
+            ("bpf-ipip", &["cross-node"], true),
+        ];
+        let counts = plan
+            .rules
+            .iter()
+            .map(|&n| (n, false))
+            .chain(plan.bpf_only_rules.iter().map(|&n| (n, true)));
+        for (n, bpf_only) in counts {
+            for (config, paths, bpf) in configs {
+                if bpf_only && config == "iptables" {
+                    continue;
+                }
+                for path in paths {
+                    for (metric, _, _) in METRICS {
+                        s.data.insert(
+                            (config.into(), (*path).into(), metric.into(), n),
+                            vec![Some(1.0 + bpf as u8 as f64); plan.rounds],
+                        );
+                    }
+                }
+                if n > 0 && !config.starts_with("bare") {
+                    s.control.insert(
+                        (config.into(), n),
+                        Control {
+                            apply_wall_ms: 10.0,
+                            ..Control::default()
+                        },
+                    );
+                }
+            }
+        }
+        let mem_rules = plan.rules.iter().copied().max().unwrap_or(0);
+        for (config, settled) in [("bpf", true), ("iptables", false)] {
+            s.endpoints.push(EndpointsMemory {
+                config: config.into(),
+                node: "node-3".into(),
+                endpoints: plan.endpoints,
+                rules: mem_rules,
+                agent_rss_kib_before: Some(1),
+                agent_rss_kib_after: Some(2),
+                bpf_map_memlock_bytes_before: None,
+                bpf_map_memlock_bytes_after: None,
+                write_ms: 1.0,
+                settle_ms: 120_000.0,
+                settled,
+                note: (!settled).then(|| "not in force after 120s: node-3 at revision 9".into()),
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn complete_runs_pass_the_check_and_gaps_fail_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut quick = Plan::new(true);
+        quick.rules = vec![0, 1_000];
+        for plan in [Plan::new(false), quick] {
+            let s = full(&plan);
+            let r = build(&plan, &s, dir.path());
+            check_complete(&plan, &r).unwrap();
+            // The VXLAN comparison is in the tables and its ratio is there.
+            let md = markdown(&r);
+            assert!(md.contains("bpf IP-in-IP / the kernel's VXLAN"), "{md}");
+            assert!(
+                find_ratio(
+                    &r,
+                    "bpf-ipip",
+                    "bare-vxlan",
+                    "cross-node",
+                    "crr_per_s",
+                    0,
+                    0
+                )
+                .is_some_and(|x| (x.median - 2.0).abs() < 1e-9)
+            );
+            assert!(!r.not_measured.iter().any(|x| x.contains("VXLAN")));
+            // An agent that did not settle is a figure, not a gap.
+            assert!(md.contains("not settled after 120000"), "{md}");
+
+            let mut gap = full(&plan);
+            gap.endpoints.retain(|e| e.config != "iptables");
+            gap.data.retain(|k, _| k.0 != "bare-vxlan" || k.3 != 0);
+            let err = check_complete(&plan, &build(&plan, &gap, dir.path()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("iptables: memory at"), "{err}");
+            assert!(
+                err.contains("bare-vxlan cross-node rr_per_s rules 0"),
+                "{err}"
+            );
+        }
+    }
 }

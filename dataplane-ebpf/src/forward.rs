@@ -75,6 +75,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// the packet is routed (TTL), addressed to the pod's MAC and put straight into the pod's
 /// namespace (redirect to the veth's peer), so the host side neither queues it a second time
 /// nor runs its egress hook. Called from TC ingress hooks only (from-workload, host ingress).
+#[cfg(not(feature = "previous-delivery"))]
 #[inline(always)]
 fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
     if packet::decrement_ttl(ctx, ip).is_err() {
@@ -101,6 +102,23 @@ fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValu
         pod.add(counter::PASSED, 1);
     }
     redirected(stats, verdict, counter::REDIRECTED)
+}
+
+/// The previous release's delivery, built only for the upgrade test's second build: out of
+/// the pod's host veth, whose egress program (to-workload) then checks its ingress policy.
+#[cfg(feature = "previous-delivery")]
+#[inline(always)]
+fn deliver_local(ctx: &mut TcContext, stats: &Stats, ip: &Ipv4Hdr, r: &RouteValue) -> i32 {
+    if packet::decrement_ttl(ctx, ip).is_err() {
+        return pass(stats);
+    }
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return drop(stats, counter::DROP_MALFORMED);
+    };
+    if packet::set_macs(ctx, &r.mac, &eth.dst_addr).is_err() {
+        return drop(stats, counter::DROP_INTERNAL);
+    }
+    redirected(stats, redirect::to_egress(r.ifindex), counter::REDIRECTED)
 }
 
 /// Whether `ip`, once wrapped in 20 more bytes, would exceed the host NIC's MTU. Segmentation

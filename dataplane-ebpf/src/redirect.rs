@@ -5,6 +5,16 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect_neigh, bpf_redirect_peer},
 };
 
+/// Sends the packet out of `ifindex` (egress: the device's TC egress hook still runs). Only
+/// the upgrade test's previous-delivery build uses it.
+#[cfg(feature = "previous-delivery")]
+#[inline(always)]
+pub fn to_egress(ifindex: u32) -> i32 {
+    // SAFETY: a plain helper call with scalar arguments.
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_redirect(ifindex, 0) };
+    r as i32
+}
+
 /// Hands the packet to the other end of the veth `ifindex`, in the pod's namespace, as if it
 /// had arrived there: no queueing on the host side and no TC egress hook on `ifindex`. Only
 /// allowed from a TC ingress hook.

@@ -32,6 +32,8 @@ pub enum AgentError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("read the eBPF object {0}: {1}")]
+    BpfObject(PathBuf, std::io::Error),
     #[error("the link event stream ended")]
     EventsEnded,
     #[error(transparent)]
@@ -76,6 +78,8 @@ pub struct AgentOptions {
     pub readiness_grace: std::time::Duration,
     /// Entries of the conntrack table.
     pub conntrack_size: u32,
+    /// An eBPF object to load instead of the embedded one (upgrade tests).
+    pub bpf_object: Option<PathBuf>,
 }
 
 /// How often expired conntrack entries are removed.
@@ -327,14 +331,39 @@ async fn run_iptables(
     }
 }
 
+/// An eBPF object read from a file, 8-byte aligned as the ELF parser wants it.
+struct Object(Vec<u64>, usize);
+
+impl Object {
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.0)[..self.1]
+    }
+}
+
+fn read_object(path: &std::path::Path) -> Result<Object, AgentError> {
+    let bytes = std::fs::read(path).map_err(|e| AgentError::BpfObject(path.to_owned(), e))?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(b);
+    }
+    Ok(Object(words, bytes.len()))
+}
+
 /// The BPF mode. On shutdown the programs stay attached (their links are pinned), so the
 /// dataplane keeps forwarding while the agent restarts.
 async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Check what can be checked before touching anything, so a bad flag leaves no trace.
     let host_ifindex = ifindex_of(&opts.host_iface)
         .ok_or_else(|| AgentError::NoHostIface(opts.host_iface.clone()))?;
+    let object = match &opts.bpf_object {
+        None => None,
+        Some(path) => Some(read_object(path)?),
+    };
     let pins = PinDir::open(&opts.bpffs_dir)?;
-    let mut programs = Programs::load(&pins, opts.conntrack_size)?;
+    let object = object.as_ref().map_or(crate::EBPF_OBJECT, |o| o.bytes());
+    let mut programs = Programs::load(&pins, object, opts.conntrack_size)?;
     if !programs.layout.is_empty() {
         info!(migrated = ?programs.layout.migrated, rebuilt = ?programs.layout.rebuilt, "map layouts changed since the last agent");
     }

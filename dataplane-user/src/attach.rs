@@ -19,7 +19,7 @@ use aya::{
 use dataplane_common::map_names;
 use tracing::{debug, info, warn};
 
-use crate::{EBPF_OBJECT, bpffs::PinDir};
+use crate::bpffs::PinDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -159,15 +159,15 @@ pub struct Programs {
 }
 
 impl Programs {
-    /// Loads the embedded object, reusing the maps already pinned under `pins` (an agent
+    /// Loads `object` (the embedded [`crate::EBPF_OBJECT`] unless testing another build), reusing the maps already pinned under `pins` (an agent
     /// restart keeps its state) or creating and pinning them. The conntrack table gets
     /// `conntrack_size` entries. A pinned map whose layout differs from this build's (or
     /// from `conntrack_size`) is remade, its entries carried over when they fit
     /// ([`crate::layout`]).
-    pub fn load(pins: &PinDir, conntrack_size: u32) -> Result<Self, AttachError> {
+    pub fn load(pins: &PinDir, object: &[u8], conntrack_size: u32) -> Result<Self, AttachError> {
         let maps_dir = pins.maps_dir();
         let sizes = [(map_names::CONNTRACK, conntrack_size)];
-        let declared = crate::layout::declared(EBPF_OBJECT, &PINNED_MAPS, &sizes)?;
+        let declared = crate::layout::declared(object, &PINNED_MAPS, &sizes)?;
         let changed = crate::layout::set_aside_changed(&maps_dir, &declared)?;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
@@ -175,7 +175,7 @@ impl Programs {
         }
         loader.map_max_entries(map_names::CONNTRACK, conntrack_size);
         let mut ebpf = loader
-            .load(EBPF_OBJECT)
+            .load(object)
             .map_err(|e| AttachError::Load(Box::new(e)))?;
         let (layout, catch_up) = crate::layout::migrate(&maps_dir, changed)?;
         for name in PROGRAMS {

@@ -429,6 +429,12 @@ pub struct AgentArgs {
         value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
     )]
     pub conntrack_size: u32,
+
+    /// Load the TC programs from this eBPF object instead of the one built into the binary:
+    /// an upgrade test's second build of the programs (built from this version's
+    /// dataplane-ebpf crate, so its maps are this version's).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub bpf_object: Option<PathBuf>,
 }
 
 impl AgentArgs {

@@ -84,6 +84,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 metrics_listen: args.metrics_listen.0,
                 readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
                 conntrack_size: args.conntrack_size,
+                bpf_object: args.bpf_object,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {

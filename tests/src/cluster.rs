@@ -938,3 +938,56 @@ pub fn cali_sets(ns: &Netns) -> std::collections::BTreeMap<String, Vec<String>> 
     }
     sets
 }
+
+/// A second build of the TC programs, for upgrade tests: the `dataplane-ebpf` crate built
+/// with its `previous-delivery` feature (the previous release's local delivery), so its
+/// program code differs from the embedded object's while its maps are the same. Built (or
+/// brought up to date) on first use with the nightly toolchain, the way `aya-build` builds
+/// the embedded one, under target/ebpf-variant. Panics with cargo's output when it fails.
+pub fn ebpf_variant_object() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .to_owned();
+            let target_dir = root.join("target/ebpf-variant");
+            let out = std::process::Command::new("cargo")
+                .current_dir(&root)
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER")
+                .env_remove("RUSTFLAGS")
+                .env(
+                    "CARGO_ENCODED_RUSTFLAGS",
+                    "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+                )
+                .args([
+                    "+nightly",
+                    "build",
+                    "--package",
+                    "dataplane-ebpf",
+                    "--bins",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--features",
+                    "previous-delivery",
+                    "--target-dir",
+                ])
+                .arg(&target_dir)
+                .output()
+                .expect("run cargo +nightly to build the eBPF variant");
+            assert!(
+                out.status.success(),
+                "building the eBPF variant failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let object = target_dir.join("bpfel-unknown-none/release/dataplane-programs");
+            assert!(object.is_file(), "no {object:?} after the build");
+            object
+        })
+        .clone()
+}

@@ -15,7 +15,7 @@ pub mod traffic;
 
 pub use cluster::{
     Agent, Cluster, Etcd, Fabric, Node, PinDirGuard, Pod, Router, dataplane, dataplane_args,
-    dataplane_bin, tcx_programs, wait_attached, wait_ready,
+    dataplane_bin, ebpf_variant_object, tcx_programs, wait_attached, wait_ready,
 };
 pub use netns::{ChildGuard, Netns, unique};
 

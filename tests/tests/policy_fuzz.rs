@@ -305,6 +305,7 @@ fn to_compiled(rules: &[Rule]) -> Vec<CompiledRule> {
                             .iter()
                             .map(|c| c.to_string().parse().unwrap())
                             .collect(),
+                        nets: None,
                     },
                     dport: port_set(&t.dport),
                     sport: port_set(&t.sport),

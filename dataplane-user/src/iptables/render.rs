@@ -232,6 +232,16 @@ fn term_matches(t: &Term, dir: &str, key: &str, sets: &mut Sets) -> Vec<String> 
         if members.is_empty() {
             return Vec::new(); // a selector that selects nothing: the term never matches
         }
+        // The rule's own single CIDR is matched as an address, as Calico renders it: a set
+        // match per rule costs far more per packet (with the nft backend `-m set` is an
+        // xtables match run through the compat layer, an address is a native comparison).
+        if t.peer.nets == Some(i)
+            && let [net] = members.iter().collect::<Vec<_>>()[..]
+        {
+            let flag = if dir == "src" { "-s" } else { "-d" };
+            peer.push(format!("{flag} {net}"));
+            continue;
+        }
         let name = sets.name(&format!("{key}\0all{i}"), members);
         peer.push(format!("-m set --match-set {name} {dir}"));
     }
@@ -466,6 +476,7 @@ mod tests {
             peer: IpSet {
                 all_of: vec![vec![net("10.65.0.2/32"), net("10.65.0.3/32")]],
                 none_of: vec![net("10.65.0.3/32")],
+                nets: None,
             },
             dport: ports(Some(&[(80, 80), (8000, 8080)]), &[(8001, 8001)]),
             sport: PortSet::default(),
@@ -490,6 +501,7 @@ mod tests {
             peer: IpSet {
                 all_of: vec![vec![net("0.0.0.0/0")]],
                 none_of: vec![],
+                nets: None,
             },
             ..Term::any()
         };
@@ -499,6 +511,7 @@ mod tests {
             peer: IpSet {
                 all_of: vec![vec![]],
                 none_of: vec![],
+                nets: None,
             },
             ..Term::any()
         };
@@ -532,6 +545,60 @@ mod tests {
     }
 
     #[test]
+    fn a_rules_single_cidr_is_an_address_match_not_a_set() {
+        let mut sets = Sets::default();
+        let term = |all_of: Vec<Vec<Ipv4Net>>, nets: Option<usize>| Term {
+            proto: ProtoMatch::Is(6),
+            peer: IpSet {
+                all_of,
+                none_of: vec![],
+                nets,
+            },
+            dport: ports(Some(&[(80, 80)]), &[]),
+            sport: PortSet::default(),
+        };
+        // The rule's one CIDR: an address, either direction; nothing in the sets.
+        let one = term(vec![vec![net("198.18.0.1/32")]], Some(0));
+        assert_eq!(
+            term_matches(&one, "src", "a", &mut sets),
+            vec!["-p tcp -s 198.18.0.1/32 -m multiport --dports 80"]
+        );
+        assert_eq!(
+            term_matches(&one, "dst", "b", &mut sets),
+            vec!["-p tcp -d 198.18.0.1/32 -m multiport --dports 80"]
+        );
+        assert!(sets.0.is_empty());
+        // A selector's members stay a set even when there is one (refilled as they change),
+        // and so do several CIDRs; the rule's CIDR beside a selector is still an address.
+        let selector = term(vec![vec![net("10.65.0.9/32")]], None);
+        let several = term(
+            vec![vec![net("198.18.0.1/32"), net("198.18.0.2/32")]],
+            Some(0),
+        );
+        let both = term(
+            vec![vec![net("198.18.0.0/24")], vec![net("10.65.0.9/32")]],
+            Some(0),
+        );
+        for (t, key) in [(&selector, "c"), (&several, "d")] {
+            let m = term_matches(t, "src", key, &mut sets);
+            let set = format!("{SET_PREFIX}{}", short_hash(&format!("{key}\0all0")));
+            assert_eq!(
+                m,
+                vec![format!(
+                    "-p tcp -m set --match-set {set} src -m multiport --dports 80"
+                )]
+            );
+        }
+        let set = format!("{SET_PREFIX}{}", short_hash("e\0all1"));
+        assert_eq!(
+            term_matches(&both, "src", "e", &mut sets),
+            vec![format!(
+                "-p tcp -s 198.18.0.0/24 -m set --match-set {set} src -m multiport --dports 80"
+            )]
+        );
+    }
+
+    #[test]
     fn many_ports_split_into_alternatives_of_one_rule() {
         let dports: Vec<(u16, u16)> = (1000..1020).map(|p| (p, p)).collect();
         let t = Term {
@@ -560,6 +627,7 @@ mod tests {
                 peer: IpSet {
                     all_of: vec![vec![net("10.65.0.9/32")]],
                     none_of: vec![],
+                    nets: None,
                 },
                 sport: PortSet::default(),
             }],
@@ -629,6 +697,7 @@ mod tests {
                     peer: IpSet {
                         all_of: vec![peers],
                         none_of: vec![],
+                        nets: None,
                     },
                     ..Term::any()
                 }],

@@ -97,6 +97,10 @@ impl PortSet {
 pub struct IpSet {
     pub all_of: Vec<Vec<Ipv4Net>>,
     pub none_of: Vec<Ipv4Net>,
+    /// Which list of `all_of`, if any, is the rule's own `nets` rather than a selector's
+    /// members: the iptables rendering matches a single CIDR there directly (`-s`/`-d`), as
+    /// Calico's does, instead of through a set. The BPF compiler does not look at it.
+    pub nets: Option<usize>,
 }
 
 /// One way a rule can match: protocol × peer addresses × destination ports × source ports.
@@ -770,6 +774,7 @@ mod tests {
             peer: IpSet {
                 all_of: vec![vec![net("10.0.0.0/8")]],
                 none_of: vec![net("10.1.0.0/16")],
+                nets: None,
             },
             dport: PortSet {
                 any_of: Some(vec![(80, 80)]),
@@ -838,6 +843,7 @@ mod tests {
                                 Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap(),
                             ]],
                             none_of: vec![],
+                            nets: None,
                         },
                         dport: PortSet {
                             any_of: Some(vec![(
@@ -906,7 +912,11 @@ mod tests {
                 let ported = matches!(proto, ProtoMatch::Is(6) | ProtoMatch::Is(17));
                 Term {
                     proto,
-                    peer: IpSet { all_of, none_of },
+                    peer: IpSet {
+                        all_of,
+                        none_of,
+                        nets: None,
+                    },
                     dport: if ported { dport } else { PortSet::default() },
                     sport: if ported { sport } else { PortSet::default() },
                 }

@@ -478,6 +478,7 @@ impl<'a> Resolver<'a> {
         // The peer's addresses.
         let mut peer_set = IpSet::default();
         if !peer.nets.is_empty() {
+            peer_set.nets = Some(peer_set.all_of.len());
             peer_set.all_of.push(peer.nets.clone());
         }
         let selected = peer.selector.is_some() || peer.namespace_selector.is_some();
