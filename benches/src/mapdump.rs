@@ -127,7 +127,7 @@ pub fn run(entries: u32) -> anyhow::Result<Report> {
     {
         // As the agent does: load the object with its maps pinned, the conntrack map sized.
         let pins = PinDir::open(&guard.path)?;
-        let _programs = Programs::load(&pins, entries)?;
+        let _programs = Programs::load(&pins, dataplane::EBPF_OBJECT, entries)?;
     }
     let path = guard.path.join("maps").join(map_names::CONNTRACK);
     let mut map: HashMap<MapData, CtKey, CtValue> =
