@@ -107,7 +107,8 @@ const PROGRAMS: [&str; 4] = [
     "host_ingress",
     "host_egress",
 ];
-const PINNED_MAPS: [&str; 13] = [
+/// The maps pinned under `<bpffs-dir>/maps`, by name.
+pub const PINNED_MAPS: [&str; 13] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,

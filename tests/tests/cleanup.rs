@@ -13,6 +13,8 @@ use dataplane_tests::{
 };
 
 /// Denies every connection to pod 1 (on node-1, like pod 0).
+/// Two CIDRs rather than one: the iptables mode renders a single CIDR as a plain `-s` match
+/// and several as an ipset, which the cleanup must remove.
 const DENY_POD_1: &str = "apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata: {name: shut}
@@ -20,7 +22,7 @@ spec:
   selector: role == 'shut'
   types: [Ingress]
   ingress:
-  - {action: Deny, source: {nets: [10.65.0.0/16]}}
+  - {action: Deny, source: {nets: [10.65.0.0/17, 10.65.128.0/17]}}
 ";
 
 fn label_pod_1(d: &Deployment) {
@@ -91,7 +93,7 @@ fn root_cleanup_removes_programs_maps_and_pins_and_pods_fall_back_to_the_kernel(
             "removed {} TCX links on {} interfaces",
             2 * ifaces.len(),
             ifaces.len()
-        )) && out.contains("11 maps"),
+        )) && out.contains(&format!("{} maps", dataplane::attach::PINNED_MAPS.len())),
         "{out}"
     );
     for iface in &ifaces {

@@ -21,18 +21,27 @@ use dataplane_tests::{
     wait_ready,
 };
 
-/// The ids of the TCX programs on `iface` in `ns`, (ingress, egress).
-fn program_ids(ns: &Netns, iface: &str) -> (Vec<u32>, Vec<u32>) {
+/// `what` of each TCX program on `iface` in `ns`, (ingress, egress).
+fn programs<T: Send + 'static>(
+    ns: &Netns,
+    iface: &str,
+    what: fn(&aya::programs::ProgramInfo) -> T,
+) -> (Vec<T>, Vec<T>) {
     use aya::programs::{SchedClassifier, TcAttachType};
     let iface = iface.to_owned();
     ns.run(move || {
-        let ids = |t| -> Vec<u32> {
+        let of = |t| -> Vec<T> {
             SchedClassifier::query_tcx(&iface, t)
-                .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+                .map(|(_, progs)| progs.iter().map(what).collect())
                 .unwrap_or_default()
         };
-        (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
+        (of(TcAttachType::Ingress), of(TcAttachType::Egress))
     })
+}
+
+/// The ids of the TCX programs on `iface` in `ns`, (ingress, egress).
+fn program_ids(ns: &Netns, iface: &str) -> (Vec<u32>, Vec<u32>) {
+    programs(ns, iface, aya::programs::ProgramInfo::id)
 }
 
 /// Every interface the agent of node `i` attaches to, with one program per hook.
@@ -60,14 +69,28 @@ fn assert_one_program_per_hook(d: &Deployment, i: usize) {
     }
 }
 
-/// Entries of the maps the agent fills from etcd (not conntrack or counters, which
-/// traffic moves), by map.
+/// Entries of the maps the agent fills from etcd (not conntrack, counters, fragments or
+/// rule hits, which traffic moves), by map.
 fn filled(d: &Deployment, i: usize) -> Vec<(String, Option<u64>)> {
     dataplane::pinned::map_fill(&d.pins[i].path)
         .into_iter()
-        .filter(|f| !matches!(f.map.as_str(), "conntrack" | "counters" | "fragments"))
+        .filter(|f| {
+            !matches!(
+                f.map.as_str(),
+                "conntrack" | "counters" | "fragments" | "policy_hits"
+            )
+        })
         .map(|f| (f.map, f.entries))
         .collect()
+}
+
+/// The bytes the stream's sink received, once it has all `sent` or after 5 s.
+fn stream_received(sink: &dataplane_tests::load::LoadServer, sent: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sink.sunk.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sink.sunk.load(Ordering::Relaxed)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -155,11 +178,7 @@ fn root_agent_restarts_under_load_lose_nothing() {
     let totals = load.finish();
     // Everything the stream wrote arrived.
     let sink = &servers[4];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sink.sunk.load(Ordering::Relaxed) < totals.stream_bytes && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sunk = sink.sunk.load(Ordering::Relaxed);
+    let sunk = stream_received(sink, totals.stream_bytes);
     took.sort();
     eprintln!(
         "soak: {restarts} agent restarts in {soaked:.1?} (ready after median {:?}, max {:?}); \
@@ -316,19 +335,8 @@ fn root_a_conntrack_resize_on_restart_migrates_flows_under_load() {
 }
 
 /// The tags (hashes of the instructions) of the TCX programs on `iface` in `ns`.
-fn program_tags(ns: &Netns, iface: &str) -> Vec<u64> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    let iface = iface.to_owned();
-    ns.run(move || {
-        [TcAttachType::Ingress, TcAttachType::Egress]
-            .into_iter()
-            .flat_map(|t| {
-                SchedClassifier::query_tcx(&iface, t)
-                    .map(|(_, progs)| progs.iter().map(|p| p.tag()).collect::<Vec<_>>())
-                    .unwrap_or_default()
-            })
-            .collect()
-    })
+fn program_tags(ns: &Netns, iface: &str) -> (Vec<u64>, Vec<u64>) {
+    programs(ns, iface, aya::programs::ProgramInfo::tag)
 }
 
 /// Two upgrades under the same load, node by node as a rolling DaemonSet update does:
@@ -342,7 +350,7 @@ fn root_upgrades_between_two_program_builds_lose_nothing() {
     let variant = ebpf_variant_object();
     let variant_arg = variant.to_str().unwrap().to_owned();
     let (mut d, servers) = start_under_policy();
-    let current: Vec<Vec<u64>> = (0..3)
+    let current: Vec<_> = (0..3)
         .map(|i| program_tags(&d.cluster.nodes[i].ns, "eth0"))
         .collect();
     let load = start_load(&d);
@@ -384,11 +392,7 @@ fn root_upgrades_between_two_program_builds_lose_nothing() {
     let took = began.elapsed();
     let totals = load.finish();
     let sink = &servers[4];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sink.sunk.load(Ordering::Relaxed) < totals.stream_bytes && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sunk = sink.sunk.load(Ordering::Relaxed);
+    let sunk = stream_received(sink, totals.stream_bytes);
     eprintln!(
         "upgrades: 2 upgrades on 3 nodes in {took:.1?}; {} requests, {} failed, {} resets, \
          max gap {:?}; stream {} MB sent, {} MB received; {} denied probes, {} got through",
