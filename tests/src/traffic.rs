@@ -375,6 +375,20 @@ impl Deployment {
         dataplane(&self.cluster.nodes[0].ns, &all)
     }
 
+    /// The `cali*` interfaces of node `i`.
+    pub fn veths(&self, i: usize) -> Vec<String> {
+        let links: serde_json::Value =
+            serde_json::from_str(&self.cluster.nodes[i].ns.ip(&["-j", "link", "show"])).unwrap();
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with("cali"))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// `map-dump KIND` of node `i`, as text.
     pub fn map_dump(&self, i: usize, kind: &str) -> String {
         let dir = self.pins[i].path.display().to_string();

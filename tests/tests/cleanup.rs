@@ -32,19 +32,6 @@ fn label_pod_1(d: &Deployment) {
     ));
 }
 
-fn veths(d: &Deployment, i: usize) -> Vec<String> {
-    let links: serde_json::Value =
-        serde_json::from_str(&d.cluster.nodes[i].ns.ip(&["-j", "link", "show"])).unwrap();
-    links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| n.starts_with("cali"))
-        .map(str::to_owned)
-        .collect()
-}
-
 fn cleanup(d: &Deployment, i: usize) -> (bool, String, String) {
     let dir = d.pins[i].path.display().to_string();
     let (st, out, err) = dataplane(&d.cluster.nodes[i].ns, &["cleanup", "--bpffs-dir", &dir]);
@@ -65,7 +52,7 @@ fn root_cleanup_removes_programs_maps_and_pins_and_pods_fall_back_to_the_kernel(
     assert!(!tcp(a, b), "the policy is in force");
     assert!(tcp(b, a));
     let node = &d.cluster.nodes[0];
-    let mut ifaces = veths(&d, 0);
+    let mut ifaces = d.veths(0);
     ifaces.push("eth0".to_owned());
 
     // A running agent's directory is refused, and nothing changes.

@@ -100,9 +100,10 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
     let node = &d.cluster.nodes[0];
     let conf = dataplane_conf("1.0.0", &etcd_ep, &node.name);
     let victim = Sandbox::new(node, "default", "victim");
-    let had = veths(&d, 0);
+    let had = d.veths(0);
     cni(node, &d.plugins, "ADD", &victim, &conf).ok();
-    let victim_veth = veths(&d, 0)
+    let victim_veth = d
+        .veths(0)
         .into_iter()
         .find(|v| !had.contains(v))
         .expect("the victim's veth");
@@ -128,7 +129,7 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
     let del_took = started.elapsed();
     assert_eq!(del.err_code(), 11, "{del:?}");
     assert!(
-        veths(&d, 0).contains(&victim_veth),
+        d.veths(0).contains(&victim_veth),
         "a failed DEL leaves the veth"
     );
     let left = outage.saturating_sub(down_at.elapsed());
@@ -147,7 +148,7 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
     let totals = load.finish();
     // CNI works again: the DEL goes through, and a new pod gets an address.
     cni(node, &d.plugins, "DEL", &victim, &conf).ok();
-    assert!(!veths(&d, 0).contains(&victim_veth));
+    assert!(!d.veths(0).contains(&victim_veth));
     let r = cni(node, &d.plugins, "ADD", &sb, &conf).ok();
     assert!(r["ips"][0]["address"].is_string());
     cni(node, &d.plugins, "DEL", &sb, &conf).ok();
@@ -186,20 +187,6 @@ fn root_etcd_outage_under_load_keeps_enforcing_and_converges_on_return() {
         Duration::from_millis(300)
     ));
     drop(servers);
-}
-
-/// The `cali*` interfaces of node `i`.
-fn veths(d: &Deployment, i: usize) -> Vec<String> {
-    let links: serde_json::Value =
-        serde_json::from_str(&d.cluster.nodes[i].ns.ip(&["-j", "link", "show"])).unwrap();
-    links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| n.starts_with("cali"))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// `etcdctl ARGS…` in etcd's namespace.

@@ -47,16 +47,7 @@ fn program_ids(ns: &Netns, iface: &str) -> (Vec<u32>, Vec<u32>) {
 /// Every interface the agent of node `i` attaches to, with one program per hook.
 fn assert_one_program_per_hook(d: &Deployment, i: usize) {
     let node = &d.cluster.nodes[i];
-    let links: serde_json::Value =
-        serde_json::from_str(&node.ns.ip(&["-j", "link", "show"])).unwrap();
-    let mut ifaces: Vec<String> = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| n.starts_with("cali"))
-        .map(str::to_owned)
-        .collect();
+    let mut ifaces = d.veths(i);
     assert_eq!(ifaces.len(), d.pods.iter().filter(|p| p.node == i).count());
     ifaces.push("eth0".to_owned());
     for iface in ifaces {
