@@ -22,6 +22,59 @@ pub mod map_names {
     pub const POLICY_RULES: &str = "DP_POLICY_RULES";
 }
 
+/// The layout version of each pinned map: what its keys and values *mean*, beyond their
+/// sizes. An agent compares the version recorded with the pins (the pinned map
+/// `layout_versions` in the pin directory) with this build's, as well as the kernel's layout
+/// (type, key and value sizes, entries, flags); a map whose version differs is remade and
+/// starts empty, as one whose key or value size changed (the sync refills the maps it derives
+/// from etcd before the new programs attach).
+///
+/// Rule for developers: bump a map's version in the same change that alters the meaning of
+/// its key or value without altering their size (a field or padding reused, a flag bit or a
+/// `kind` value redefined, a unit changed): entries written by the old build must never be
+/// read by the new programs. No bump when only a size changes (the layout shows it) or when
+/// the change is compatible both ways (a new flag old entries never set, a new value old
+/// programs never see). Pins made before versions were recorded count as version 1.
+pub mod layout_version {
+    use super::map_names;
+
+    pub const COUNTERS: u32 = 1;
+    pub const ROUTES: u32 = 1;
+    pub const ENDPOINTS: u32 = 1;
+    pub const NODES: u32 = 1;
+    pub const CONFIG: u32 = 1;
+    pub const POLICY_IP: u32 = 1;
+    pub const POLICY_IP_EXACT: u32 = 1;
+    pub const POLICY_PORT: u32 = 1;
+    pub const POLICY_PORT_EXACT: u32 = 1;
+    pub const CONNTRACK: u32 = 1;
+    pub const FRAGMENTS: u32 = 1;
+    pub const POLICY_HITS: u32 = 1;
+    pub const POLICY_RULES: u32 = 1;
+
+    /// Every pinned map's version, by map name.
+    pub const ALL: [(&str, u32); 13] = [
+        (map_names::COUNTERS, COUNTERS),
+        (map_names::ROUTES, ROUTES),
+        (map_names::ENDPOINTS, ENDPOINTS),
+        (map_names::NODES, NODES),
+        (map_names::CONFIG, CONFIG),
+        (map_names::POLICY_IP, POLICY_IP),
+        (map_names::POLICY_IP_EXACT, POLICY_IP_EXACT),
+        (map_names::POLICY_PORT, POLICY_PORT),
+        (map_names::POLICY_PORT_EXACT, POLICY_PORT_EXACT),
+        (map_names::CONNTRACK, CONNTRACK),
+        (map_names::FRAGMENTS, FRAGMENTS),
+        (map_names::POLICY_HITS, POLICY_HITS),
+        (map_names::POLICY_RULES, POLICY_RULES),
+    ];
+
+    /// The version of map `name` in this build (1 for a name it does not know).
+    pub fn of(name: &str) -> u32 {
+        ALL.iter().find(|(n, _)| *n == name).map_or(1, |&(_, v)| v)
+    }
+}
+
 /// Most routes (local pods, remote blocks, hosts, pools) a node's routes map holds.
 pub const MAX_ROUTES: u32 = 65536;
 /// Most local endpoints (pods on this node).

@@ -34,6 +34,8 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error("read the eBPF object {0}: {1}")]
     BpfObject(PathBuf, std::io::Error),
+    #[error(transparent)]
+    RunLock(#[from] crate::runlock::RunLockError),
     #[error("the link event stream ended")]
     EventsEnded,
     #[error(transparent)]
@@ -80,6 +82,8 @@ pub struct AgentOptions {
     pub conntrack_size: u32,
     /// An eBPF object to load instead of the embedded one (upgrade tests).
     pub bpf_object: Option<PathBuf>,
+    /// Where the CNI plugin's latency records arrive (`None`: not received).
+    pub cni_metrics_socket: Option<PathBuf>,
 }
 
 /// How often expired conntrack entries are removed.
@@ -235,13 +239,21 @@ async fn serve_endpoints(
             .map_err(|source| AgentError::Listen { what, addr, source })?;
         bound.push((what, addr, listener, router));
     }
-    Ok(bound
+    let mut tasks: Vec<_> = bound
         .into_iter()
         .map(|(what, addr, listener, router)| {
             info!(what, %addr, "serving over HTTP");
             tokio::spawn(crate::health::serve(what, listener, router))
         })
-        .collect())
+        .collect();
+    // Best effort, as the records themselves: the dataplane does not depend on it.
+    if let Some(path) = &opts.cni_metrics_socket {
+        match crate::cni_metrics::listen(path, metrics.clone()) {
+            Ok(task) => tasks.push(task),
+            Err(e) => warn!(error = %e, "CNI latencies not received"),
+        }
+    }
+    Ok(tasks)
 }
 
 fn etcd_config(opts: &AgentOptions) -> crate::datastore::EtcdConfig {
@@ -274,6 +286,8 @@ async fn run_iptables(
     if opts.etcd_endpoints.is_empty() {
         return Err(AgentError::IptablesWithoutEtcd);
     }
+    // Held until the process ends: `dataplane cleanup` and a second agent see it.
+    let _lock = crate::runlock::acquire(std::path::Path::new(crate::runlock::RUN_DIR))?;
     let backend = opts.iptables_backend;
     crate::iptables::check_tools(backend).await?;
     let ds = crate::datastore::Datastore::connect(&etcd_config(&opts))

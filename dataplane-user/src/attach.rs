@@ -169,7 +169,13 @@ impl Programs {
         let maps_dir = pins.maps_dir();
         let sizes = [(map_names::CONNTRACK, conntrack_size)];
         let declared = crate::layout::declared(object, &PINNED_MAPS, &sizes)?;
-        let changed = crate::layout::set_aside_changed(&maps_dir, &declared)?;
+        let recorded = crate::layout::recorded_versions(pins.root())?;
+        let changed = crate::layout::set_aside_changed(
+            &maps_dir,
+            &declared,
+            &recorded,
+            dataplane_common::layout_version::of,
+        )?;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
@@ -179,6 +185,8 @@ impl Programs {
             .load(object)
             .map_err(|e| AttachError::Load(Box::new(e)))?;
         let (layout, catch_up) = crate::layout::migrate(&maps_dir, changed)?;
+        // This build's maps are pinned now: record what their entries mean.
+        crate::layout::record_versions(pins.root(), &dataplane_common::layout_version::ALL)?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

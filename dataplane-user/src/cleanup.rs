@@ -35,6 +35,8 @@ pub enum CleanupError {
     AgentRunning(PathBuf),
     #[error(transparent)]
     Bpffs(BpffsError),
+    #[error(transparent)]
+    IptablesAgentRunning(#[from] crate::runlock::RunLockError),
     #[error("remove {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
     #[error(
@@ -136,6 +138,21 @@ fn entries(dir: &Path) -> Result<Vec<PathBuf>, CleanupError> {
             source,
         }),
     }
+}
+
+/// Fails when an agent runs on this node: an iptables-mode agent (its lock in `run_dir`, see
+/// [`crate::runlock`]) or a BPF agent on `root` (the lock on its pin directory). Nothing is
+/// touched either way.
+pub fn check_no_agent(root: &Path, run_dir: &Path) -> Result<(), CleanupError> {
+    crate::runlock::check_not_running(run_dir)?;
+    if root.exists() && bpffs::is_bpffs(root) {
+        match PinDir::open(root) {
+            Ok(p) => drop(p),
+            Err(BpffsError::Busy(p)) => return Err(CleanupError::AgentRunning(p)),
+            Err(e) => return Err(CleanupError::Bpffs(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Removes the pin directory `root` and everything in it. Fails without touching anything

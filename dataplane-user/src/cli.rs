@@ -106,8 +106,9 @@ pub enum Command {
     /// iptables mode its cali- chains, the jumps to them, its cali- ipsets and its routes
     /// (protocol 80).
     ///
-    /// Run it in the node's network namespace with the agent stopped (a running agent's pin
-    /// directory is refused). Pods keep their veths and routes: their traffic goes back to
+    /// Run it in the node's network namespace with the agent stopped: a running BPF agent
+    /// (its pin directory is locked) or iptables-mode agent (it holds
+    /// /var/run/dataplane/iptables-agent-netns-<inode>.lock) is refused. Pods keep their veths and routes: their traffic goes back to
     /// plain kernel routing, with no policy. Running it again removes nothing and says so.
     ///
     /// Examples:
@@ -429,6 +430,12 @@ pub struct AgentArgs {
         value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
     )]
     pub conntrack_size: u32,
+    /// Unix datagram socket where the CNI plugin on this node reports each operation's
+    /// latency (dataplane_cni_operation_duration_seconds in /metrics). The plugin's config
+    /// key metrics_socket must name the same path when it is not the default. `off` or ''
+    /// receives none.
+    #[arg(long, value_name = "PATH", default_value = crate::cni_metrics::DEFAULT_SOCKET)]
+    pub cni_metrics_socket: String,
 
     /// Load the TC programs from this eBPF object instead of the one built into the binary:
     /// an upgrade test's second build of the programs (built from this version's

@@ -165,6 +165,16 @@ impl SyncObserver {
         self.health.etcd_unreachable();
     }
 
+    /// etcd's data went back (restored, or wiped and recreated); the sync lists again.
+    pub fn regressed(&self) {
+        self.metrics.etcd_regressed();
+    }
+
+    /// `n` local endpoints are held although etcd lost them.
+    pub fn held(&self, n: usize) {
+        self.metrics.held_endpoints(n);
+    }
+
     /// The sync starts over from a fresh list (after an error or a closed watch).
     pub fn restarting(&self) {
         self.metrics.etcd_reconnect();

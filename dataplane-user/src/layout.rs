@@ -7,6 +7,19 @@
 //! state); otherwise the new map starts empty (the agent fills the maps it derives from
 //! etcd before any new program is swapped in). Until the swap, the programs still attached
 //! keep using the old maps, which the kernel frees once no program holds them.
+//!
+//! A change in what a map's entries *mean* at the same sizes is invisible to the kernel's
+//! layout: each map also has a layout version ([`dataplane_common::layout_version`], bumped
+//! by the developer who changes the meaning), recorded with the pins in the pinned hash map
+//! `<pin dir>/layout_versions` (map name → version). A version that differs from this
+//! build's remakes the map as a size change does, empty (its entries cannot be trusted). A
+//! map without a record (pins of a release before versions) is version 1. The record is a
+//! pinned map rather than a file because it must live and die with the maps: bpffs holds no
+//! regular files, and a file elsewhere (/var/lib) would outlive the pins (a reboot empties
+//! bpffs, `dataplane cleanup` or `rm -r` of the pin dir removes them) and then vouch for
+//! maps it never saw. It is written after the loader pinned this build's maps, so a crash in
+//! between leaves old versions recorded for new maps: the next start remakes them once more,
+//! the safe side.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -38,6 +51,11 @@ pub enum LayoutError {
     Unpin {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("layout versions {path}: {source}")]
+    Versions {
+        path: PathBuf,
+        source: Box<MapError>,
     },
     #[error("copy map {map} into its new layout: {source}")]
     Copy {
@@ -114,7 +132,86 @@ fn pinned_layout(path: &Path) -> Result<(MapData, Layout), LayoutError> {
 /// Pinned maps whose layout changed, set aside before the loader runs.
 #[derive(Default)]
 pub struct Changed {
-    old: Vec<(&'static str, MapData, Layout, Layout)>,
+    /// (map, old map, old layout, new layout, the layout version changed).
+    old: Vec<(&'static str, MapData, Layout, Layout, bool)>,
+}
+
+/// Where the layout versions are recorded, under the pin directory.
+pub const VERSIONS_PIN: &str = "layout_versions";
+/// Longest map name the record holds (BPF_OBJ_NAME_LEN).
+const NAME_LEN: usize = 16;
+
+type Versions = HashMap<MapData, [u8; NAME_LEN], u32>;
+
+fn name_key(name: &str) -> [u8; NAME_LEN] {
+    let mut k = [0u8; NAME_LEN];
+    let n = name.len().min(NAME_LEN);
+    k[..n].copy_from_slice(&name.as_bytes()[..n]);
+    k
+}
+
+fn versions_err(path: &Path) -> impl Fn(MapError) -> LayoutError + '_ {
+    move |source| LayoutError::Versions {
+        path: path.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// The layout versions recorded under the pin directory `root`, by map name (empty when
+/// nothing is recorded).
+pub fn recorded_versions(root: &Path) -> Result<StdHashMap<String, u32>, LayoutError> {
+    let path = root.join(VERSIONS_PIN);
+    if !path.exists() {
+        return Ok(StdHashMap::new());
+    }
+    let err = versions_err(&path);
+    let map: Versions = HashMap::try_from(Map::HashMap(MapData::from_pin(&path).map_err(&err)?))
+        .map_err(&err)?;
+    let mut out = StdHashMap::new();
+    for (k, v) in map.iter().flatten() {
+        let end = k.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+        out.insert(String::from_utf8_lossy(&k[..end]).into_owned(), v);
+    }
+    Ok(out)
+}
+
+/// Records `versions` under the pin directory `root`, making the record when absent.
+pub fn record_versions(root: &Path, versions: &[(&str, u32)]) -> Result<(), LayoutError> {
+    let path = root.join(VERSIONS_PIN);
+    let err = versions_err(&path);
+    let data = if path.exists() {
+        MapData::from_pin(&path).map_err(&err)?
+    } else {
+        let def = aya_obj::maps::bpf_map_def {
+            map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32,
+            key_size: NAME_LEN as u32,
+            value_size: 4,
+            max_entries: 64,
+            ..Default::default()
+        };
+        let obj = aya_obj::Map::Legacy(aya_obj::maps::LegacyMap {
+            def,
+            inner_def: None,
+            section_index: 0,
+            section_kind: aya_obj::EbpfSectionKind::Maps,
+            symbol_index: None,
+            data: Vec::new(),
+        });
+        let data = MapData::create(obj, "dp_layout_vers", None).map_err(&err)?;
+        data.pin(&path).map_err(|e| LayoutError::Versions {
+            path: path.clone(),
+            source: Box::new(MapError::PinError {
+                name: Some(VERSIONS_PIN.to_owned()),
+                error: e,
+            }),
+        })?;
+        data
+    };
+    let mut map: Versions = HashMap::try_from(Map::HashMap(data)).map_err(&err)?;
+    for &(name, v) in versions {
+        map.insert(name_key(name), v, 0).map_err(&err)?;
+    }
+    Ok(())
 }
 
 /// What became of the maps whose layout changed.
@@ -149,11 +246,15 @@ impl Report {
     }
 }
 
-/// Compares each pinned map under `maps_dir` with its declared layout; a map that differs
-/// loses its pin (the loader then makes a new one) and is kept open for [`migrate`].
+/// Compares each pinned map under `maps_dir` with its declared layout and its recorded
+/// layout version (`recorded`, see [`recorded_versions`]; absent: 1) with this build's
+/// (`version`); a map that differs loses its pin (the loader then makes a new one) and is
+/// kept open for [`migrate`].
 pub fn set_aside_changed(
     maps_dir: &Path,
     declared: &StdHashMap<&'static str, Layout>,
+    recorded: &StdHashMap<String, u32>,
+    version: impl Fn(&str) -> u32,
 ) -> Result<Changed, LayoutError> {
     let mut changed = Changed::default();
     for (&name, want) in declared {
@@ -162,15 +263,22 @@ pub fn set_aside_changed(
             continue;
         }
         let (data, have) = pinned_layout(&path)?;
-        if have == *want {
+        let was_version = recorded.get(name).copied().unwrap_or(1);
+        let now_version = version(name);
+        let meaning = was_version != now_version;
+        if have == *want && !meaning {
             continue;
         }
-        warn!(map = name, was = %have, now = %want, "map layout changed; the map is remade");
+        if meaning {
+            warn!(map = name, was = was_version, now = now_version, "map layout version changed (the meaning of its entries); the map is remade empty");
+        } else {
+            warn!(map = name, was = %have, now = %want, "map layout changed; the map is remade");
+        }
         std::fs::remove_file(&path).map_err(|source| LayoutError::Unpin {
             path: path.clone(),
             source,
         })?;
-        changed.old.push((name, data, have, *want));
+        changed.old.push((name, data, have, *want, meaning));
     }
     Ok(changed)
 }
@@ -260,8 +368,9 @@ impl CatchUp {
 pub fn migrate(maps_dir: &Path, changed: Changed) -> Result<(Report, CatchUp), LayoutError> {
     let mut report = Report::default();
     let mut catch_up = CatchUp { old: None };
-    for (name, old, was, now) in changed.old {
-        let carry = was.map_type == now.map_type
+    for (name, old, was, now, meaning) in changed.old {
+        let carry = !meaning
+            && was.map_type == now.map_type
             && was.key_size == now.key_size
             && was.value_size == now.value_size
             && name != map_names::CONFIG;

@@ -13,6 +13,8 @@ pub mod agent;
 pub mod attach;
 pub mod bpffs;
 pub mod cleanup;
+pub mod cni_metrics;
+pub mod runlock;
 pub mod cli;
 pub mod cni;
 pub mod ctl;

@@ -85,6 +85,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
                 conntrack_size: args.conntrack_size,
                 bpf_object: args.bpf_object,
+                cni_metrics_socket: (!args.cni_metrics_socket.is_empty()
+                    && !args.cni_metrics_socket.eq_ignore_ascii_case("off"))
+                .then(|| args.cni_metrics_socket.into()),
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -106,7 +109,11 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 .enable_all()
                 .build()?;
             let mut removed = dataplane::cleanup::Removed::default();
-            // The BPF part first: it refuses a running agent before anything is touched.
+            // Refuses a running agent (either mode) before anything is touched.
+            dataplane::cleanup::check_no_agent(
+                &args.bpffs_dir,
+                std::path::Path::new(dataplane::runlock::RUN_DIR),
+            )?;
             dataplane::cleanup::remove_bpf(&args.bpffs_dir, &mut removed)?;
             rt.block_on(dataplane::cleanup::remove_iptables(
                 &[

@@ -18,7 +18,10 @@
 //! | `dataplane_sync_lag_revisions` | | seen − programmed |
 //! | `dataplane_reconcile_duration_seconds` | sync=full\|incremental | time of one map reconcile |
 //! | `dataplane_etcd_reconnects_total` | | times the sync started over from a fresh list |
+//! | `dataplane_etcd_regressions_total` | | times etcd's data went back (older snapshot restored, or wiped) and the sync listed again |
+//! | `dataplane_sync_held_endpoints` | | local endpoints etcd lost after a regression, kept while their veths exist |
 //! | `dataplane_ready` | | 1 when `/readiness` says ready |
+//! | `dataplane_cni_operation_duration_seconds` | command, result=ok\|<CNI error code> | time of one CNI plugin operation on this node, as the plugin reports it ([`crate::cni_metrics`]) |
 
 use std::{
     path::{Path, PathBuf},
@@ -50,6 +53,7 @@ use prometheus_client::{
 use crate::health::Health;
 
 type SyncLabel = [(&'static str, &'static str); 1];
+type CniLabels = [(&'static str, String); 2];
 
 /// The agent's metrics: what it records as it goes, and a collector that reads the maps.
 #[derive(Debug)]
@@ -57,8 +61,19 @@ pub struct Metrics {
     registry: Registry,
     reconcile: Family<SyncLabel, Histogram>,
     reconnects: Counter,
+    regressions: Counter,
+    held: Gauge,
+    cni: Family<CniLabels, Histogram>,
     programmed: Gauge,
     seen: Gauge,
+}
+
+fn cni_histogram() -> Histogram {
+    // 5 ms … 30 s: a DEL of a gone pod up to an ADD that waits (10 s by default) for its
+    // policy to be in force.
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -73,6 +88,24 @@ impl Metrics {
         let reconcile =
             Family::<SyncLabel, Histogram>::new_with_constructor(reconcile_histogram as fn() -> _);
         let reconnects = Counter::default();
+        let regressions = Counter::default();
+        let held = Gauge::default();
+        let cni = Family::<CniLabels, Histogram>::new_with_constructor(cni_histogram as fn() -> _);
+        registry.register(
+            "dataplane_cni_operation_duration_seconds",
+            "Time of one CNI plugin operation on this node (command ADD, DEL, CHECK, STATUS, GC, VERSION; result ok or the CNI error code), as the plugin reports it",
+            cni.clone(),
+        );
+        registry.register(
+            "dataplane_etcd_regressions",
+            "Times etcd answered from a history older than the maps (restored from an older snapshot, or wiped and recreated) and the sync listed everything again",
+            regressions.clone(),
+        );
+        registry.register(
+            "dataplane_sync_held_endpoints",
+            "Local endpoints etcd lost when its data went back, kept while their veths exist",
+            held.clone(),
+        );
         let programmed = Gauge::default();
         let seen = Gauge::default();
         registry.register(
@@ -105,6 +138,9 @@ impl Metrics {
             registry,
             reconcile,
             reconnects,
+            regressions,
+            held,
+            cni,
             programmed,
             seen,
         }
@@ -119,6 +155,24 @@ impl Metrics {
 
     pub fn etcd_reconnect(&self) {
         self.reconnects.inc();
+    }
+
+    /// etcd's history went back: counted, and the revision seen starts over (it only grows
+    /// otherwise).
+    pub fn etcd_regressed(&self) {
+        self.regressions.inc();
+        self.seen.set(0);
+    }
+
+    /// One CNI operation `command` ended with `result` after `seconds`.
+    pub fn cni_operation(&self, command: &'static str, result: String, seconds: f64) {
+        self.cni
+            .get_or_create(&[("command", command.to_owned()), ("result", result)])
+            .observe(seconds);
+    }
+
+    pub fn held_endpoints(&self, n: usize) {
+        self.held.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn revision_programmed(&self, revision: i64) {
@@ -330,6 +384,8 @@ mod tests {
             "dataplane_reconcile_duration_seconds_count{sync=\"full\"} 1",
             "dataplane_reconcile_duration_seconds_count{sync=\"incremental\"} 1",
             "dataplane_etcd_reconnects_total 1",
+            "dataplane_etcd_regressions_total 0",
+            "dataplane_sync_held_endpoints 0",
             "dataplane_sync_revision_programmed 10",
             "dataplane_sync_revision_seen 12",
             "dataplane_sync_lag_revisions 2",

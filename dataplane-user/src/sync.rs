@@ -66,6 +66,10 @@ pub struct Model {
     pods: BTreeMap<(String, String), PodInfo>,
     /// Policy key → parsed policy.
     policies: BTreeMap<String, resolve::Policy>,
+    /// Local endpoints kept although etcd no longer has them: etcd's data went back (see
+    /// [`Model::hold_local`]) while their veths exist. Released when etcd writes the key
+    /// again (or deletes it) or when the veth goes.
+    held: BTreeMap<String, WorkloadEndpoint>,
 }
 
 /// The contents the maps should have.
@@ -183,9 +187,11 @@ impl Model {
                 }
             }
             (DsKey::WorkloadEndpoint { .. }, None) => {
+                self.held.remove(key);
                 self.weps.remove(key);
             }
             (DsKey::WorkloadEndpoint { .. }, Some(v)) => {
+                self.held.remove(key);
                 if let Some(wep) = decode::<WorkloadEndpoint>(key, v) {
                     self.weps.insert(key.to_owned(), wep);
                 }
@@ -262,10 +268,70 @@ impl Model {
         true
     }
 
+    /// Every endpoint: etcd's and the held ones (whose keys etcd does not have).
+    fn all_weps(&self) -> impl Iterator<Item = &WorkloadEndpoint> {
+        self.weps.values().chain(self.held.values())
+    }
+
+    /// After etcd's data went back, keeps the local endpoints `old` had that etcd no longer
+    /// has and whose veth still exists (`veth_exists`): their pods are running, and cutting
+    /// them off would turn a restore of the control plane into an outage of workloads that
+    /// did nothing wrong. Returns their keys.
+    pub fn hold_local(
+        &mut self,
+        old: &Model,
+        me: &str,
+        veth_exists: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut kept = Vec::new();
+        for (key, wep) in old.weps.iter().chain(&old.held) {
+            if wep.spec.node != me
+                || self.weps.contains_key(key)
+                || !veth_exists(&wep.spec.interface_name)
+            {
+                continue;
+            }
+            self.held.insert(key.clone(), wep.clone());
+            let ns = wep
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned());
+            let id = (ns, wep.spec.pod.clone());
+            if let Some(info) = old.pods.get(&id)
+                && !self.pods.contains_key(&id)
+            {
+                self.pods.insert(id, info.clone());
+            }
+            kept.push(key.clone());
+        }
+        kept
+    }
+
+    /// Releases the held endpoints whose veth is gone (their pod was deleted); returns their
+    /// keys.
+    pub fn release_gone(&mut self, veth_exists: impl Fn(&str) -> bool) -> Vec<String> {
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, w)| !veth_exists(&w.spec.interface_name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            self.held.remove(k);
+        }
+        gone
+    }
+
+    /// How many local endpoints are held (see [`Model::hold_local`]).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     /// Every endpoint of the cluster as policy sees it.
     fn policy_endpoints(&self) -> Vec<(&WorkloadEndpoint, resolve::Endpoint)> {
         let mut out = Vec::new();
-        for wep in self.weps.values() {
+        for wep in self.all_weps() {
             let ns = wep
                 .metadata
                 .namespace
@@ -424,7 +490,7 @@ impl Model {
         }
 
         let mut local: Vec<(u32, Ipv4Addr)> = Vec::new();
-        for wep in self.weps.values() {
+        for wep in self.all_weps() {
             let spec = &wep.spec;
             for net in &spec.ip_networks {
                 let Ok(net) = net.parse::<Ipv4Net>() else {
@@ -493,8 +559,7 @@ impl Model {
     /// instead of ifindex: a pod's chains can be written before its veth exists.
     pub fn kernel_view(&self, me: &str) -> KernelView {
         let mut ifaces: Vec<&str> = self
-            .weps
-            .values()
+            .all_weps()
             .filter(|w| w.spec.node == me)
             .map(|w| w.spec.interface_name.as_str())
             .collect();
@@ -950,9 +1015,107 @@ impl Dataplane for MapWriter {
 /// as of `revision`. The next attempt watches from `revision + 1` with it instead of listing
 /// again (no event missed: the watch starts right after the last programmed one; none
 /// applied twice: the model holds each key's last value, and a replayed event leaves it so).
+/// With `relist` (etcd's data went back) it lists again instead, holding the local
+/// endpoints of `model` that etcd lost (see [`Model::hold_local`]).
 pub struct Resume {
     model: Model,
     revision: i64,
+    relist: bool,
+}
+
+/// What the sync knows of the etcd it talks to, to notice one whose data went back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Known {
+    /// The cluster id of the last list (0: none yet).
+    cluster_id: u64,
+    /// The last revision this agent's status was written at and with (0: none yet).
+    reported: i64,
+}
+
+/// etcd's data went back: restored from an older snapshot, or wiped and recreated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Regression {
+    /// The revision the maps were programmed to.
+    pub programmed: i64,
+    /// The revision etcd answers with now.
+    pub now: i64,
+    /// What showed it.
+    pub why: String,
+}
+
+impl std::fmt::Display for Regression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "etcd's data went back (restored from an older snapshot, or wiped and recreated): \
+             it answers at revision {} and the maps were programmed up to revision {} ({})",
+            self.now, self.programmed, self.why
+        )
+    }
+}
+
+/// Compares a response's header with what the sync knows: another cluster id, or a
+/// revision below `floor` (the revision the maps hold, which etcd's history must reach).
+fn check_header(
+    h: crate::datastore::EtcdHeader,
+    known: &Known,
+    programmed: i64,
+    floor: i64,
+) -> Option<Regression> {
+    if known.cluster_id != 0 && h.cluster_id != 0 && h.cluster_id != known.cluster_id {
+        return Some(Regression {
+            programmed,
+            now: h.revision,
+            why: format!(
+                "cluster id {:x}, was {:x}",
+                h.cluster_id, known.cluster_id
+            ),
+        });
+    }
+    (h.revision < floor).then(|| Regression {
+        programmed,
+        now: h.revision,
+        why: format!("revision {} is below {floor}", h.revision),
+    })
+}
+
+/// Before resuming a watch at `programmed + 1`: has etcd lost history since? Its revision
+/// below `programmed`, another cluster id, or this agent's own status key older than its
+/// last successful write (which catches an etcd recreated empty whose revision has since
+/// climbed past ours) all say so.
+async fn check_history(
+    ds: &Datastore,
+    me: &str,
+    programmed: i64,
+    known: &Known,
+) -> Result<Option<Regression>, DatastoreError> {
+    let key = crate::datastore::keys::node_status(me);
+    let (status, h) = ds.get_raw_header(&key).await?;
+    if let Some(r) = check_header(h, known, programmed, programmed) {
+        return Ok(Some(r));
+    }
+    if known.reported > 0 {
+        let stored = status
+            .and_then(|raw| raw.decode::<crate::datastore::NodeStatus>().ok())
+            .map(|s| s.value.revision);
+        if stored.is_none_or(|r| r < known.reported) {
+            return Ok(Some(Regression {
+                programmed,
+                now: h.revision,
+                why: match stored {
+                    Some(r) => format!(
+                        "{key} holds revision {r}, this agent last wrote {}",
+                        known.reported
+                    ),
+                    None => format!(
+                        "{key} is gone, this agent last wrote it at revision {}",
+                        known.reported
+                    ),
+                },
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// Why a watch ended.
@@ -964,6 +1127,18 @@ enum Lost {
     Closed,
     /// Anything else (compacted past our revision, a map write refused): list again.
     Relist(SyncError),
+    /// etcd's data went back: list again, holding the local endpoints it lost.
+    Regressed(Regression),
+}
+
+/// Logs and counts a regression.
+fn regressed(obs: &SyncObserver, r: &Regression) {
+    tracing::error!(
+        programmed = r.programmed,
+        etcd_revision = r.now,
+        "{r}; listing everything again: the maps follow what etcd holds now, except local endpoints whose pods still run"
+    );
+    obs.regressed();
 }
 
 /// Lists and applies (or resumes from `resume`), then follows the watch until it is lost.
@@ -974,26 +1149,40 @@ async fn sync_once<D: Dataplane>(
     writer: &mut D,
     obs: &SyncObserver,
     resume: &mut Option<Resume>,
+    known: &mut Known,
 ) -> Result<(), SyncError> {
     let Resume {
         mut model,
         revision: mut programmed,
+        ..
     } = match resume.take() {
-        Some(r) => {
-            info!(
-                revision = r.revision,
-                "resuming the watch after the last programmed revision"
-            );
-            r
-        }
-        None => list_and_program(ds, me, writer, obs).await?,
+        Some(r) if r.relist => relist_holding(ds, me, writer, obs, known, r, resume).await?,
+        Some(r) => match check_history(ds, me, r.revision, known).await {
+            Ok(None) => {
+                info!(
+                    revision = r.revision,
+                    "resuming the watch after the last programmed revision"
+                );
+                r
+            }
+            Ok(Some(reg)) => {
+                regressed(obs, &reg);
+                relist_holding(ds, me, writer, obs, known, r, resume).await?
+            }
+            Err(e) => {
+                *resume = Some(r);
+                return Err(SyncError::Datastore(Box::new(e)));
+            }
+        },
+        None => list_and_program(ds, me, writer, obs, known, None).await?,
     };
-    let lost = follow(ds, me, writer, obs, &mut model, &mut programmed).await;
+    let lost = follow(ds, me, writer, obs, &mut model, &mut programmed, known).await;
     match lost {
         Lost::Unreachable(e) => {
             *resume = Some(Resume {
                 model,
                 revision: programmed,
+                relist: false,
             });
             Err(e)
         }
@@ -1001,27 +1190,74 @@ async fn sync_once<D: Dataplane>(
             *resume = Some(Resume {
                 model,
                 revision: programmed,
+                relist: false,
             });
             Ok(())
         }
         Lost::Relist(e) => Err(e),
+        Lost::Regressed(reg) => {
+            regressed(obs, &reg);
+            *resume = Some(Resume {
+                model,
+                revision: programmed,
+                relist: true,
+            });
+            Ok(())
+        }
     }
 }
 
-/// A full list at one revision, programmed; the start of a watch.
+/// After etcd's data went back: a full list, holding the local endpoints of `r` that etcd
+/// lost; when it fails, `resume` keeps `r` for the next attempt (its endpoints stay held).
+async fn relist_holding<D: Dataplane>(
+    ds: &Datastore,
+    me: &str,
+    writer: &mut D,
+    obs: &SyncObserver,
+    known: &mut Known,
+    r: Resume,
+    resume: &mut Option<Resume>,
+) -> Result<Resume, SyncError> {
+    match list_and_program(ds, me, writer, obs, known, Some(&r.model)).await {
+        Ok(fresh) => Ok(fresh),
+        Err(e) => {
+            *resume = Some(Resume { relist: true, ..r });
+            Err(e)
+        }
+    }
+}
+
+/// A full list at one revision, programmed; the start of a watch. With `hold`, the model
+/// the maps held before etcd's data went back: its local endpoints that etcd lost are kept
+/// while their veths exist.
 async fn list_and_program<D: Dataplane>(
     ds: &Datastore,
     me: &str,
     writer: &mut D,
     obs: &SyncObserver,
+    known: &mut Known,
+    hold: Option<&Model>,
 ) -> Result<Resume, SyncError> {
-    let (entries, revision) = ds.snapshot(PREFIX).await.map_err(Box::new)?;
+    let (entries, header) = ds.snapshot_header(PREFIX).await.map_err(Box::new)?;
+    let revision = header.revision;
+    known.cluster_id = header.cluster_id;
+    // A status this agent wrote to a lost history means nothing now.
+    known.reported = 0;
     obs.seen(revision);
     let started = Instant::now();
     let mut model = Model::default();
     for e in &entries {
         model.apply(&e.key, Some(&e.value));
     }
+    if let Some(old) = hold {
+        for key in model.hold_local(old, me, |n| ifindex(n).is_some()) {
+            warn!(
+                key,
+                "etcd lost this local endpoint but its veth exists: kept (routes and policy as before) until etcd has it again or the pod is deleted"
+            );
+        }
+    }
+    obs.held(model.held());
     let c = writer.program(&model, me).await?;
     obs.applied(true, started.elapsed());
     info!(
@@ -1030,14 +1266,19 @@ async fn list_and_program<D: Dataplane>(
         written = c.written,
         removed = c.removed,
         compiled = c.compiled,
+        held = model.held(),
         "{} in sync with etcd",
         D::WHAT
     );
     obs.programmed(revision);
     // Best effort: the watch loop's refresh acts on a failure.
-    let _recorded = report_status(ds, me, revision, obs).await;
+    let _recorded = report_status(ds, me, revision, obs, known).await;
     writer.tidy()?;
-    Ok(Resume { model, revision })
+    Ok(Resume {
+        model,
+        revision,
+        relist: false,
+    })
 }
 
 /// One full list programmed into `writer`, without reporting it (the agent fills remade
@@ -1064,6 +1305,7 @@ async fn follow<D: Dataplane>(
     obs: &SyncObserver,
     model: &mut Model,
     programmed: &mut i64,
+    known: &mut Known,
 ) -> Lost {
     let ds_lost = |e: DatastoreError| {
         if e.is_unavailable() {
@@ -1084,12 +1326,24 @@ async fn follow<D: Dataplane>(
                 Err(e) => return ds_lost(e),
             },
             _ = refresh.tick() => {
+                if model.held() > 0 {
+                    let gone = model.release_gone(|n| ifindex(n).is_some());
+                    if !gone.is_empty() {
+                        info!(?gone, "held local endpoints released: their veths are gone");
+                        obs.held(model.held());
+                        if let Err(e) = writer.program(model, me).await {
+                            return Lost::Relist(e);
+                        }
+                    }
+                }
                 // A watch carries nothing while etcd is cut off without a reset (a partition):
                 // the status write is what notices.
-                if let Err(e) = report_status(ds, me, *programmed, obs).await
-                    && e.is_unavailable()
-                {
-                    return Lost::Unreachable(SyncError::Datastore(Box::new(e)));
+                match report_status(ds, me, *programmed, obs, known).await {
+                    Err(e) if e.is_unavailable() => {
+                        return Lost::Unreachable(SyncError::Datastore(Box::new(e)));
+                    }
+                    Ok(Some(r)) => return Lost::Regressed(r),
+                    _ => {}
                 }
                 continue;
             }
@@ -1097,6 +1351,13 @@ async fn follow<D: Dataplane>(
         let Some((events, revision)) = next else {
             return Lost::Closed;
         };
+        let h = crate::datastore::EtcdHeader {
+            cluster_id: watch.cluster_id(),
+            revision,
+        };
+        if let Some(r) = check_header(h, known, *programmed, *programmed) {
+            return Lost::Regressed(r);
+        }
         obs.seen(revision);
         if !events.is_empty() {
             let started = Instant::now();
@@ -1108,13 +1369,16 @@ async fn follow<D: Dataplane>(
                 Err(e) => return Lost::Relist(e),
             };
             obs.applied(false, started.elapsed());
+            obs.held(model.held());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
         }
         if revision > *programmed {
             *programmed = revision;
             obs.programmed(revision);
             // Best effort here; the refresh above is what acts on a failure.
-            let _recorded = report_status(ds, me, revision, obs).await;
+            if let Ok(Some(r)) = report_status(ds, me, revision, obs, known).await {
+                return Lost::Regressed(r);
+            }
         }
         if let Err(e) = writer.tidy() {
             return Lost::Relist(e);
@@ -1126,18 +1390,26 @@ async fn follow<D: Dataplane>(
 pub const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Records that this node's maps reflect etcd up to `revision`. A failure is logged (the
-/// next write or refresh tries again) and returned.
+/// next write or refresh tries again) and returned. A write that etcd answers from a
+/// history below `revision` (its data went back) is returned as `Ok(Some(…))`: the status
+/// written then claims changes the maps may not hold, and the caller lists again at once.
 async fn report_status(
     ds: &Datastore,
     me: &str,
     revision: i64,
     obs: &SyncObserver,
-) -> Result<(), DatastoreError> {
+    known: &mut Known,
+) -> Result<Option<Regression>, DatastoreError> {
     let status = crate::datastore::NodeStatus::new(me, revision);
     match ds.put_node_status(&status).await {
-        Ok(()) => {
+        Ok(h) => {
             obs.etcd_reachable();
-            Ok(())
+            // The write itself makes a revision past every one the maps hold.
+            if let Some(r) = check_header(h, known, revision, revision + 1) {
+                return Ok(Some(r));
+            }
+            known.reported = revision;
+            Ok(None)
         }
         Err(e) => {
             if e.is_unavailable() {
@@ -1161,15 +1433,19 @@ pub async fn run<D: Dataplane>(ds: Datastore, me: String, mut writer: D, obs: Sy
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut delay = FIRST_RETRY;
     let mut resume = None;
+    let mut known = Known::default();
     loop {
         let started = Instant::now();
-        let result = sync_once(&ds, &me, &mut writer, &obs, &mut resume).await;
+        let result = sync_once(&ds, &me, &mut writer, &obs, &mut resume, &mut known).await;
         // A sync that ran for a while was healthy: the next failure starts the back-off over.
         if started.elapsed() > Duration::from_secs(10) {
             delay = FIRST_RETRY;
         }
         let mut wait = delay;
         match result {
+            Ok(()) if resume.as_ref().is_some_and(|r| r.relist) => {
+                wait = Duration::ZERO;
+            }
             Ok(()) => info!("etcd closed the watch; resuming it"),
             Err(e) => {
                 if let SyncError::Datastore(d) = &e {
@@ -1307,6 +1583,56 @@ mod tests {
         );
         // No ifindex needed: the veth need not exist on this machine.
         assert!(model("Never").kernel_view("node-2").endpoints.is_empty());
+    }
+
+    #[test]
+    fn local_endpoints_etcd_lost_are_held_while_their_veth_exists() {
+        let old = model("Never");
+        let wep = "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-a-eth0";
+        let mut m = model("Never");
+        m.apply(wep, None);
+        let idx = |n: &str| (n == "caliaaa").then_some(7);
+        assert!(m.desired("node-1", idx).endpoints.is_empty());
+        // No veth: nothing held. Another node's agent holds nothing of node-1's.
+        assert!(m.clone().hold_local(&old, "node-1", |_| false).is_empty());
+        assert!(m.clone().hold_local(&old, "node-2", |_| true).is_empty());
+        assert_eq!(m.hold_local(&old, "node-1", |n| n == "caliaaa"), [wep]);
+        assert_eq!(m.desired("node-1", idx).endpoints[&7].ip, [10, 65, 0, 2]);
+        // The veth goes: released.
+        assert!(m.clone().release_gone(|_| true).is_empty());
+        let mut gone = m.clone();
+        assert_eq!(gone.release_gone(|_| false), [wep]);
+        assert!(gone.desired("node-1", idx).endpoints.is_empty());
+        // etcd has it again: its value wins and nothing is held.
+        let mut back = old.clone();
+        back.hold_local(&old, "node-1", |_| true);
+        assert_eq!(back.held(), 0, "etcd has it: nothing to hold");
+        m.apply(wep, Some(br#"{"spec": {"node": "node-1", "interfaceName": "caliaaa", "mac": "02:00:00:00:00:01", "ipNetworks": ["10.65.0.9/32"]}}"#));
+        assert_eq!(m.held(), 0);
+        assert_eq!(m.desired("node-1", idx).endpoints[&7].ip, [10, 65, 0, 9]);
+    }
+
+    #[test]
+    fn a_header_from_an_older_history_or_another_cluster_is_a_regression() {
+        use crate::datastore::EtcdHeader;
+        let known = Known {
+            cluster_id: 0xa,
+            reported: 0,
+        };
+        let h = |cluster_id, revision| EtcdHeader {
+            cluster_id,
+            revision,
+        };
+        assert_eq!(check_header(h(0xa, 50), &known, 50, 50), None);
+        assert_eq!(check_header(h(0xa, 51), &known, 50, 51), None);
+        let r = check_header(h(0xa, 40), &known, 50, 50).unwrap();
+        assert_eq!((r.programmed, r.now), (50, 40));
+        assert!(r.to_string().contains("revision 40") && r.to_string().contains("50"), "{r}");
+        // A status write answered at the revision the maps hold: etcd went back.
+        assert!(check_header(h(0xa, 50), &known, 50, 51).is_some());
+        assert!(check_header(h(0xb, 900), &known, 50, 50).unwrap().why.contains("cluster id b"));
+        // Nothing known yet: any cluster goes.
+        assert_eq!(check_header(h(0xb, 60), &Known::default(), 50, 50), None);
     }
 
     #[test]

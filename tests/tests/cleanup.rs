@@ -1,7 +1,8 @@
 //! `dataplane cleanup` on a node of a live cluster in a box (needs root): refused while the
 //! agent runs; with the agent stopped it removes every link (no program of ours stays on any
 //! interface), map and the pin directory, or in the iptables mode the cali- chains, jumps,
-//! ipsets and protocol-80 routes; pods' traffic is then the kernel's (routed, no policy);
+//! ipsets and protocol-80 routes (refused too while an iptables-mode agent runs: it holds a
+//! lock file); pods' traffic is then the kernel's (routed, no policy);
 //! a second run finds nothing.
 
 use std::time::Duration;
@@ -30,6 +31,16 @@ fn label_pod_1(d: &Deployment) {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{role: shut}}}}\nspec: {{containers: [{{name: c}}]}}\n",
         d.pods[1].sb.pod
     ));
+}
+
+/// The lock an iptables-mode agent holds in `node`'s namespace.
+fn lock_file(node: &dataplane_tests::cluster::Node) -> String {
+    let ino = node.ns.run(|| {
+        use std::os::unix::fs::MetadataExt as _;
+        // This thread's namespace (`run` switches only the thread).
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    });
+    format!("/var/run/dataplane/iptables-agent-netns-{ino}.lock")
 }
 
 fn cleanup(d: &Deployment, i: usize) -> (bool, String, String) {
@@ -124,6 +135,27 @@ fn root_cleanup_removes_iptables_chains_sets_and_routes() {
     assert!(!cali_sets(&node.ns).is_empty());
     assert!(!agent_routes(&node.ns).is_empty());
     let routes_before = node.ns.ip(&["route", "show"]);
+
+    // While the agent runs, cleanup refuses and touches nothing (it holds a lock file).
+    let pid = d.agents[0].process.pid();
+    let (ok, out, err) = cleanup(&d, 0);
+    assert!(!ok, "cleanup went ahead under a running iptables agent: {out}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: an iptables-mode agent is running in this network namespace ({}, held by pid {pid}): stop it first",
+            lock_file(node)
+        )
+    );
+    assert!(!cali_rules(&node.ns, "nft").is_empty() && !cali_sets(&node.ns).is_empty());
+    assert!(!tcp_probe(a, b.ip, Duration::from_millis(500)), "policy still in force");
+    // A second iptables agent in the namespace is refused the same way.
+    let (ok, _, err) = dataplane(
+        &node.ns,
+        &["agent", "--node", &node.name, "--dataplane", "iptables", "--etcd-endpoints", &d.cluster.etcd.as_ref().unwrap().endpoint(), "--health-listen", "off", "--metrics-listen", "off", "--cni-metrics-socket", "off"],
+    );
+    assert!(!ok.success());
+    assert!(err.contains(&format!("held by pid {pid}")), "{err}");
 
     let status = d.agents[0].process.stop(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()));

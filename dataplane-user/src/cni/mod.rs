@@ -30,12 +30,23 @@ pub const OUR_IPAM: &str = "dataplane-ipam";
 pub struct Outcome {
     pub stdout: String,
     pub success: bool,
+    /// CNI_COMMAND (empty when unset).
+    pub command: String,
+    /// 0 on success, else the error code printed.
+    pub code: u32,
+    /// Where to report the operation's latency (the config's `metrics_socket`, else the
+    /// default; `None`: "" in the config, not reported).
+    pub metrics_socket: Option<std::path::PathBuf>,
 }
 
 /// Runs one CNI invocation: reads `stdin`, acts, and returns what to print. Never panics on
 /// input: every failure becomes the spec's error object.
 pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     let mut version = SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1].to_owned();
+    let command = env_var("CNI_COMMAND").unwrap_or_default();
+    let mut metrics_socket = Some(std::path::PathBuf::from(
+        crate::cni_metrics::DEFAULT_SOCKET,
+    ));
     let result = (|| -> Result<Option<String>, CniError> {
         let env = Env::from_vars(&env_var)?;
         if env.command == "VERSION" {
@@ -52,6 +63,9 @@ pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin:
             ));
         }
         let conf = parse_conf(stdin)?;
+        if let Some(s) = &conf.metrics_socket {
+            metrics_socket = (!s.is_empty()).then(|| s.into());
+        }
         version = conf.cni_version.clone();
         check_command_version(&env.command, &conf.cni_version)?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -66,6 +80,9 @@ pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin:
         Ok(stdout) => Outcome {
             stdout: stdout.unwrap_or_default(),
             success: true,
+            command,
+            code: 0,
+            metrics_socket,
         },
         Err(e) => {
             let e = e.version(if is_supported(&version) {
@@ -81,6 +98,9 @@ pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin:
                     )
                 }),
                 success: false,
+                command,
+                code: e.code,
+                metrics_socket,
             }
         }
     }
@@ -147,8 +167,10 @@ fn check_command_version(command: &str, version: &str) -> Result<(), CniError> {
 }
 
 /// `main` of CNI mode: reads stdin and the process environment, prints, and gives the exit
-/// code.
+/// code. The operation's latency goes to the node's agent afterwards, best effort
+/// ([`crate::cni_metrics`]).
 pub fn main(kind: PluginKind) -> std::process::ExitCode {
+    let started = std::time::Instant::now();
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
         Ok(_) => invoke(kind, |k| std::env::var(k).ok(), &stdin),
@@ -158,10 +180,23 @@ pub fn main(kind: PluginKind) -> std::process::ExitCode {
             )
             .unwrap_or_default(),
             success: false,
+            command: std::env::var("CNI_COMMAND").unwrap_or_default(),
+            code: code::IO_FAILURE,
+            metrics_socket: Some(crate::cni_metrics::DEFAULT_SOCKET.into()),
         },
     };
     if !outcome.stdout.is_empty() {
         println!("{}", outcome.stdout);
+    }
+    if let Some(socket) = &outcome.metrics_socket {
+        crate::cni_metrics::send(
+            socket,
+            &crate::cni_metrics::Record {
+                command: outcome.command.clone(),
+                code: outcome.code,
+                seconds: started.elapsed().as_secs_f64(),
+            },
+        );
     }
     if outcome.success {
         std::process::ExitCode::SUCCESS

@@ -103,6 +103,10 @@ pub struct NetConf {
     /// Only waited for when the node has a live agent.
     #[serde(default)]
     pub policy_wait_ms: Option<u64>,
+    /// The agent's socket for this plugin's latency records (default
+    /// /var/run/dataplane/cni-metrics.sock; "": none sent).
+    #[serde(default)]
+    pub metrics_socket: Option<String>,
     /// Kept raw: passed as is to a delegated IPAM plugin.
     #[serde(default)]
     pub ipam: Option<Value>,

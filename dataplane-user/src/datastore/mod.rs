@@ -238,6 +238,24 @@ fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>, Datast
     })
 }
 
+/// Which etcd cluster answered and how far its history went: a response's header. A cluster
+/// restored from a snapshot or wiped and recreated shows itself by a revision lower than one
+/// it answered before (or, when its members were made anew, another cluster id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EtcdHeader {
+    pub cluster_id: u64,
+    pub revision: i64,
+}
+
+impl EtcdHeader {
+    fn of(h: Option<&etcd_client::ResponseHeader>) -> Self {
+        h.map_or_else(Self::default, |h| Self {
+            cluster_id: h.cluster_id(),
+            revision: h.revision(),
+        })
+    }
+}
+
 /// The revision a one-put transaction wrote at (its header's revision), `None` when its
 /// condition failed.
 fn written_at(resp: TxnResponse) -> Option<i64> {
@@ -321,6 +339,7 @@ pub struct Watch {
     stream: etcd_client::WatchStream,
     prefix: String,
     endpoints: String,
+    cluster_id: u64,
 }
 
 impl Watch {
@@ -345,7 +364,11 @@ impl Watch {
                 compact_revision: resp.compact_revision(),
             });
         }
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let header = EtcdHeader::of(resp.header());
+        let revision = header.revision;
+        if header.cluster_id != 0 {
+            self.cluster_id = header.cluster_id;
+        }
         let events = resp
             .events()
             .iter()
@@ -364,6 +387,11 @@ impl Watch {
             })
             .collect();
         Ok(Some((events, revision)))
+    }
+
+    /// The cluster id of the last response (0 before the first).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
     }
 }
 
@@ -604,6 +632,15 @@ impl Datastore {
         key: &str,
         value: impl Into<Vec<u8>>,
     ) -> Result<i64, DatastoreError> {
+        Ok(self.put_raw_header(key, value).await?.revision)
+    }
+
+    /// Writes `key` and returns the response's header (the revision is the write's).
+    pub async fn put_raw_header(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<EtcdHeader, DatastoreError> {
         let value: Vec<u8> = value.into();
         let resp = self
             .call("put", key, |c| {
@@ -611,7 +648,27 @@ impl Datastore {
                 async move { c.kv_client().put(key, value, None).await }
             })
             .await?;
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        Ok(EtcdHeader::of(resp.header()))
+    }
+
+    /// The raw value at `key` (if any) and the response's header.
+    pub async fn get_raw_header(
+        &self,
+        key: &str,
+    ) -> Result<(Option<RawValue>, EtcdHeader), DatastoreError> {
+        let resp = self
+            .call(
+                "get",
+                key,
+                |c| async move { c.kv_client().get(key, None).await },
+            )
+            .await?;
+        let value = resp.kvs().first().map(|kv| RawValue {
+            key: key.to_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        });
+        Ok((value, EtcdHeader::of(resp.header())))
     }
 
     /// Every key under `prefix` with its raw value, in key order, read at one revision
@@ -637,6 +694,15 @@ impl Datastore {
     /// Everything under `prefix` at one revision, and that revision: the starting point of a
     /// watch that misses nothing ([`Datastore::watch`] from `revision + 1`).
     pub async fn snapshot(&self, prefix: &str) -> Result<(Vec<RawValue>, i64), DatastoreError> {
+        let (v, h) = self.range_at(prefix, false).await?;
+        Ok((v, h.revision))
+    }
+
+    /// [`Datastore::snapshot`] with the header of the first page (the cluster that answered).
+    pub async fn snapshot_header(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<RawValue>, EtcdHeader), DatastoreError> {
         self.range_at(prefix, false).await
     }
 
@@ -658,6 +724,7 @@ impl Datastore {
             stream,
             prefix: prefix.to_owned(),
             endpoints: self.endpoints.clone(),
+            cluster_id: 0,
         })
     }
 
@@ -665,10 +732,11 @@ impl Datastore {
         &self,
         prefix: &str,
         keys_only: bool,
-    ) -> Result<(Vec<RawValue>, i64), DatastoreError> {
+    ) -> Result<(Vec<RawValue>, EtcdHeader), DatastoreError> {
         let end = prefix_end(prefix);
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
+        let mut header = EtcdHeader::default();
         let mut out = Vec::new();
         loop {
             let mut opts = GetOptions::new()
@@ -685,7 +753,8 @@ impl Datastore {
                 })
                 .await?;
             if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
+                header = EtcdHeader::of(resp.header());
+                revision = header.revision;
             }
             for kv in resp.kvs() {
                 let Ok(key) = kv.key_str() else {
@@ -703,7 +772,7 @@ impl Datastore {
                     start = last.key().to_vec();
                     start.push(0);
                 }
-                _ => return Ok((out, revision)),
+                _ => return Ok((out, header)),
             }
         }
     }
@@ -937,8 +1006,10 @@ impl Datastore {
     }
 
     /// Reports an agent's progress at its status key.
-    pub async fn put_node_status(&self, status: &NodeStatus) -> Result<(), DatastoreError> {
-        self.put(&status.key(), status).await
+    /// Writes `status`; returns the response's header.
+    pub async fn put_node_status(&self, status: &NodeStatus) -> Result<EtcdHeader, DatastoreError> {
+        let key = status.key();
+        self.put_raw_header(&key, encode(&key, status)?).await
     }
 
     /// Every node's status (corrupt ones are logged and skipped), in node order.
