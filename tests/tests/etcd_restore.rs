@@ -29,6 +29,19 @@ spec:
   - {action: Deny, protocol: TCP, destination: {ports: [7400]}}
 ";
 
+/// Allows everything not denied by an earlier policy (a policy that selects an endpoint
+/// denies what it does not allow).
+const ALLOW_ALL: &str = "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-all}
+spec:
+  order: 100
+  selector: all()
+  types: [Ingress]
+  ingress:
+  - action: Allow
+";
+
 const DENY_PROBE: &str = "apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata: {name: deny-probe}
@@ -81,7 +94,7 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
     };
 
     // What the snapshot holds: TCP to EXTRA_PORT denied.
-    d.apply(DENY_EXTRA);
+    d.apply(&format!("{ALLOW_ALL}---\n{DENY_EXTRA}"));
     assert!(shut(EXTRA_PORT, &d) && open(RR_PORT, &d));
     let backup = tempfile::tempdir().unwrap();
     let snap = backup.path().join("etcd.db");
