@@ -138,10 +138,19 @@ pub struct Changed {
 
 /// Where the layout versions are recorded, under the pin directory.
 pub const VERSIONS_PIN: &str = "layout_versions";
-/// Longest map name the record holds (BPF_OBJ_NAME_LEN).
-const NAME_LEN: usize = 16;
+/// Longest map name the record holds (the object's map names, NUL padded; longer than the
+/// kernel's 16-byte map names: `DP_POLICY_PORT_EXACT` is 20).
+const NAME_LEN: usize = 32;
 
 type Versions = HashMap<MapData, [u8; NAME_LEN], u32>;
+
+const _: () = {
+    let mut i = 0;
+    while i < dataplane_common::layout_version::ALL.len() {
+        assert!(dataplane_common::layout_version::ALL[i].0.len() <= NAME_LEN);
+        i += 1;
+    }
+};
 
 fn name_key(name: &str) -> [u8; NAME_LEN] {
     let mut k = [0u8; NAME_LEN];

@@ -21,15 +21,15 @@ use dataplane_tests::{
     require_root, wait_ready,
 };
 
-type Versions = HashMap<MapData, [u8; 16], u32>;
+type Versions = HashMap<MapData, [u8; 32], u32>;
 
 fn versions(pins: &Path) -> Versions {
     let data = MapData::from_pin(pins.join("layout_versions")).unwrap();
     HashMap::try_from(Map::HashMap(data)).unwrap()
 }
 
-fn key(name: &str) -> [u8; 16] {
-    let mut k = [0u8; 16];
+fn key(name: &str) -> [u8; 32] {
+    let mut k = [0u8; 32];
     k[..name.len()].copy_from_slice(name.as_bytes());
     k
 }
