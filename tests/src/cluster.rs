@@ -528,6 +528,15 @@ impl Etcd {
         self.restart();
     }
 
+    /// Stops etcd, deletes its data and starts it again empty with the same member
+    /// configuration (so the same cluster id): etcd wiped and recreated, its revisions
+    /// starting over.
+    pub fn wipe(&mut self) {
+        self.process.stop(Duration::from_secs(5));
+        std::fs::remove_dir_all(self.data_dir.path().join("data")).unwrap();
+        self.restart();
+    }
+
     /// The etcd process, logging into the data dir (appending on a restart).
     fn spawn(&self, append: bool) -> std::process::Child {
         let tls = self.tls_dir.as_deref();

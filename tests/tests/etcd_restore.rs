@@ -3,19 +3,24 @@
 //! now ends below it. Each agent must notice (an error in its log, a metric), list again and
 //! converge on what etcd holds now (a policy deleted after the snapshot is back in force),
 //! keep the local pod etcd lost while its veth exists (it is running), release it once the
-//! pod is deleted, and `ctl apply --wait` must work on the restored revisions.
+//! pod is deleted, and `ctl apply --wait` must work on the restored revisions. An etcd wiped
+//! and recreated whose revision climbed past the agent's while the agent was away (same
+//! cluster id) is noticed by the agent's own status key being gone.
 
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
+use dataplane::datastore::{Datastore, EtcdConfig, runtime};
 use dataplane_tests::{
+    Agent, Cluster, PinDirGuard, dataplane,
     cni::{Sandbox, cni, dataplane_conf, result_ip},
     cluster::{Node, http_get},
     load::{EXTRA_PORT, LoadServer, PROBE_PORT, RR_PORT, echo_ok},
     require_root,
     traffic::Deployment,
+    wait_ready,
 };
 
 const DENY_EXTRA: &str = "apiVersion: projectcalico.org/v3
@@ -208,4 +213,93 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
          after the last; apply --wait {waited:?}; held pod released {released:?} after its DEL"
     );
     d.agents.clear();
+}
+
+/// `map-dump routes` of node 0.
+fn routes(cluster: &Cluster, pins: &PinDirGuard) -> String {
+    let dir = pins.path.display().to_string();
+    dataplane(
+        &cluster.nodes[0].ns,
+        &["map-dump", "routes", "--bpffs-dir", &dir],
+    )
+    .1
+}
+
+fn apply_pool(cluster: &Cluster, name: &str, cidr: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("pool.yaml");
+    std::fs::write(
+        &f,
+        format!("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {{cidr: {cidr}}}\n"),
+    )
+    .unwrap();
+    let etcd = cluster.etcd.as_ref().unwrap().endpoint();
+    let (st, out, err) = dataplane(
+        &cluster.nodes[0].ns,
+        &["ctl", "--etcd-endpoints", &etcd, "apply", "-f", &f.display().to_string()],
+    );
+    assert!(st.success(), "{out}{err}");
+}
+
+#[test]
+fn root_etcd_wiped_and_refilled_past_the_agents_revision_is_noticed_by_its_status_key() {
+    require_root();
+    let mut cluster = Cluster::new(&[1], true);
+    apply_pool(&cluster, "old", "10.65.0.0/16");
+    let pins = PinDirGuard::new();
+    let node = &cluster.nodes[0];
+    let mut agent = Agent::start(node, &pins, cluster.etcd.as_ref(), &[]);
+    wait_ready(node, &mut agent, Duration::from_secs(20));
+    wait_for("the old pool's route", Duration::from_secs(10), || {
+        routes(&cluster, &pins).contains("10.65.0.0/16")
+    });
+    // Its status is written at least once (the record the check compares with).
+    wait_for("a status", Duration::from_secs(10), || {
+        metric(node, "dataplane_sync_revision_programmed").is_some_and(|r| r > 0.0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let programmed = metric(node, "dataplane_sync_revision_programmed").unwrap() as i64;
+
+    // The agent is frozen while etcd is wiped and written past its revision: when it comes
+    // back, etcd's revision and cluster id look fine.
+    let pid = nix::unistd::Pid::from_raw(agent.process.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let resumed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cluster.etcd.as_mut().unwrap().wipe();
+        apply_pool(&cluster, "new", "10.66.0.0/16");
+        let cfg = EtcdConfig {
+            endpoints: vec![cluster.etcd.as_ref().unwrap().endpoint()],
+            ..EtcdConfig::default()
+        };
+        let now = cluster.nodes[0].ns.run(move || {
+            runtime().unwrap().block_on(async {
+                let ds = Datastore::connect(&cfg).await.unwrap();
+                let mut rev = 0;
+                for i in 0..=programmed + 5 {
+                    rev = ds.put_raw_rev(&format!("/filler/{i}"), "x").await.unwrap();
+                }
+                rev
+            })
+        });
+        assert!(now > programmed, "etcd at {now}, the agent at {programmed}");
+    }));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    if let Err(p) = resumed {
+        std::panic::resume_unwind(p);
+    }
+    let node = &cluster.nodes[0];
+    let took = wait_for("regression counted", Duration::from_secs(20), || {
+        metric(node, "dataplane_etcd_regressions_total") == Some(1.0)
+    });
+    let log = agent.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("etcd's data went back")
+            && l.contains("/dataplane/v1/status/node-1 is gone")),
+        "{log}"
+    );
+    wait_for("the maps follow the new etcd", Duration::from_secs(10), || {
+        let r = routes(&cluster, &pins);
+        r.contains("10.66.0.0/16") && !r.contains("10.65.0.0/16")
+    });
+    eprintln!("wiped etcd noticed {took:?} after the agent resumed");
 }
