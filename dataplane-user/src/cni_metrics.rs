@@ -156,14 +156,41 @@ mod tests {
         let path = dir.join("s.sock");
         // Nobody listens: nothing happens, fast.
         let t = std::time::Instant::now();
-        send(&path, &Record { command: "ADD".into(), code: 0, seconds: 0.5 });
+        send(
+            &path,
+            &Record {
+                command: "ADD".into(),
+                code: 0,
+                seconds: 0.5,
+            },
+        );
         assert!(t.elapsed() < Duration::from_millis(100));
         let health = Arc::new(crate::health::Health::new(true, Duration::from_secs(30)));
-        let metrics = Arc::new(crate::metrics::Metrics::new(Path::new("/nonexistent"), health));
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            Path::new("/nonexistent"),
+            health,
+        ));
         let task = listen(&path, metrics.clone()).unwrap();
-        send(&path, &Record { command: "ADD".into(), code: 0, seconds: 0.02 });
-        send(&path, &Record { command: "DEL".into(), code: 11, seconds: 0.5 });
-        UnixDatagram::unbound().unwrap().send_to(b"junk", &path).unwrap();
+        send(
+            &path,
+            &Record {
+                command: "ADD".into(),
+                code: 0,
+                seconds: 0.02,
+            },
+        );
+        send(
+            &path,
+            &Record {
+                command: "DEL".into(),
+                code: 11,
+                seconds: 0.5,
+            },
+        );
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to(b"junk", &path)
+            .unwrap();
         let want = [
             "dataplane_cni_operation_duration_seconds_count{command=\"ADD\",result=\"ok\"} 1",
             "dataplane_cni_operation_duration_seconds_count{command=\"DEL\",result=\"11\"} 1",
@@ -183,7 +210,10 @@ mod tests {
         drop(listen(&path, metrics.clone()).unwrap());
         let file = dir.join("f");
         std::fs::write(&file, "x").unwrap();
-        assert!(matches!(listen(&file, metrics), Err(ListenError::NotSocket(_))));
+        assert!(matches!(
+            listen(&file, metrics),
+            Err(ListenError::NotSocket(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -174,8 +174,8 @@ pub fn recorded_versions(root: &Path) -> Result<StdHashMap<String, u32>, LayoutE
         return Ok(StdHashMap::new());
     }
     let err = versions_err(&path);
-    let map: Versions = HashMap::try_from(Map::HashMap(MapData::from_pin(&path).map_err(&err)?))
-        .map_err(&err)?;
+    let map: Versions =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&path).map_err(&err)?)).map_err(&err)?;
     let mut out = StdHashMap::new();
     for (k, v) in map.iter().flatten() {
         let end = k.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
@@ -279,7 +279,12 @@ pub fn set_aside_changed(
             continue;
         }
         if meaning {
-            warn!(map = name, was = was_version, now = now_version, "map layout version changed (the meaning of its entries); the map is remade empty");
+            warn!(
+                map = name,
+                was = was_version,
+                now = now_version,
+                "map layout version changed (the meaning of its entries); the map is remade empty"
+            );
         } else {
             warn!(map = name, was = %have, now = %want, "map layout changed; the map is remade");
         }

@@ -5,7 +5,9 @@
 //! interfaces), [`netlink`] (interface events), [`maps`] (typed access to pinned maps),
 //! [`agent`] (the reconcile loop), [`cleanup`] (uninstall), [`health`] and [`metrics`] (its HTTP endpoints), [`pinned`]
 //! (map fill and attached interfaces, read from the pins), [`dump`] (map-dump), [`cli`] (the
-//! command line), [`install_cni`] (puts the CNI plugin and its config on a node).
+//! command line), [`install_cni`] (puts the CNI plugin and its config on a node),
+//! [`cni_metrics`] (the plugin's latency records to the agent), [`runlock`] (the iptables
+//! mode's lock, which `cleanup` checks).
 //! [`iptables`] is the other dataplane: routes, iptables and ipsets instead of programs, for
 //! comparison.
 
@@ -13,10 +15,9 @@ pub mod agent;
 pub mod attach;
 pub mod bpffs;
 pub mod cleanup;
-pub mod cni_metrics;
-pub mod runlock;
 pub mod cli;
 pub mod cni;
+pub mod cni_metrics;
 pub mod ctl;
 pub mod datastore;
 pub mod dump;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod pinned;
 pub mod policy;
+pub mod runlock;
 pub mod sync;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that

@@ -1066,10 +1066,7 @@ fn check_header(
         return Some(Regression {
             programmed,
             now: h.revision,
-            why: format!(
-                "cluster id {:x}, was {:x}",
-                h.cluster_id, known.cluster_id
-            ),
+            why: format!("cluster id {:x}, was {:x}", h.cluster_id, known.cluster_id),
         });
     }
     (h.revision < floor).then(|| Regression {
@@ -1588,7 +1585,8 @@ mod tests {
     #[test]
     fn local_endpoints_etcd_lost_are_held_while_their_veth_exists() {
         let old = model("Never");
-        let wep = "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-a-eth0";
+        let wep =
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/default/node--1-k8s-a-eth0";
         let mut m = model("Never");
         m.apply(wep, None);
         let idx = |n: &str| (n == "caliaaa").then_some(7);
@@ -1627,10 +1625,18 @@ mod tests {
         assert_eq!(check_header(h(0xa, 51), &known, 50, 51), None);
         let r = check_header(h(0xa, 40), &known, 50, 50).unwrap();
         assert_eq!((r.programmed, r.now), (50, 40));
-        assert!(r.to_string().contains("revision 40") && r.to_string().contains("50"), "{r}");
+        assert!(
+            r.to_string().contains("revision 40") && r.to_string().contains("50"),
+            "{r}"
+        );
         // A status write answered at the revision the maps hold: etcd went back.
         assert!(check_header(h(0xa, 50), &known, 50, 51).is_some());
-        assert!(check_header(h(0xb, 900), &known, 50, 50).unwrap().why.contains("cluster id b"));
+        assert!(
+            check_header(h(0xb, 900), &known, 50, 50)
+                .unwrap()
+                .why
+                .contains("cluster id b")
+        );
         // Nothing known yet: any cluster goes.
         assert_eq!(check_header(h(0xb, 60), &Known::default(), 50, 50), None);
     }

@@ -139,7 +139,10 @@ fn root_cleanup_removes_iptables_chains_sets_and_routes() {
     // While the agent runs, cleanup refuses and touches nothing (it holds a lock file).
     let pid = d.agents[0].process.pid();
     let (ok, out, err) = cleanup(&d, 0);
-    assert!(!ok, "cleanup went ahead under a running iptables agent: {out}");
+    assert!(
+        !ok,
+        "cleanup went ahead under a running iptables agent: {out}"
+    );
     assert_eq!(
         err.trim(),
         format!(
@@ -148,11 +151,28 @@ fn root_cleanup_removes_iptables_chains_sets_and_routes() {
         )
     );
     assert!(!cali_rules(&node.ns, "nft").is_empty() && !cali_sets(&node.ns).is_empty());
-    assert!(!tcp_probe(a, b.ip, Duration::from_millis(500)), "policy still in force");
+    assert!(
+        !tcp_probe(a, b.ip, Duration::from_millis(500)),
+        "policy still in force"
+    );
     // A second iptables agent in the namespace is refused the same way.
     let (ok, _, err) = dataplane(
         &node.ns,
-        &["agent", "--node", &node.name, "--dataplane", "iptables", "--etcd-endpoints", &d.cluster.etcd.as_ref().unwrap().endpoint(), "--health-listen", "off", "--metrics-listen", "off", "--cni-metrics-socket", "off"],
+        &[
+            "agent",
+            "--node",
+            &node.name,
+            "--dataplane",
+            "iptables",
+            "--etcd-endpoints",
+            &d.cluster.etcd.as_ref().unwrap().endpoint(),
+            "--health-listen",
+            "off",
+            "--metrics-listen",
+            "off",
+            "--cni-metrics-socket",
+            "off",
+        ],
     );
     assert!(!ok.success());
     assert!(err.contains(&format!("held by pid {pid}")), "{err}");

@@ -59,7 +59,14 @@ fn root_cni_operations_are_counted_once_each_in_the_agents_histogram() {
     .unwrap();
     let (st, _, err) = dataplane_tests::dataplane(
         &node.ns,
-        &["ctl", "--etcd-endpoints", &etcd, "apply", "-f", &pool.display().to_string()],
+        &[
+            "ctl",
+            "--etcd-endpoints",
+            &etcd,
+            "apply",
+            "-f",
+            &pool.display().to_string(),
+        ],
     );
     assert!(st.success(), "{err}");
     let socket = dir.path().join("cni-metrics.sock");

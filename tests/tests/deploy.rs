@@ -192,7 +192,12 @@ fn the_daemonset_has_what_a_node_needs() {
         .collect();
     // /var/run/dataplane: the CNI plugin (on the host) sends its latency records there, and
     // `dataplane cleanup` on the host sees the iptables mode's lock.
-    for path in ["/sys/fs/bpf", "/lib/modules", "/var/run/netns", "/var/run/dataplane"] {
+    for path in [
+        "/sys/fs/bpf",
+        "/lib/modules",
+        "/var/run/netns",
+        "/var/run/dataplane",
+    ] {
         assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
     }
     // No Role or binding: the agent never talks to the API server.

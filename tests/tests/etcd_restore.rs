@@ -14,9 +14,10 @@ use std::{
 
 use dataplane::datastore::{Datastore, EtcdConfig, runtime};
 use dataplane_tests::{
-    Agent, Cluster, PinDirGuard, dataplane,
-    cni::{Sandbox, cni, dataplane_conf, result_ip},
+    Agent, Cluster, PinDirGuard,
     cluster::{Node, http_get},
+    cni::{Sandbox, cni, dataplane_conf, result_ip},
+    dataplane,
     load::{EXTRA_PORT, LoadServer, PROBE_PORT, RR_PORT, echo_ok},
     require_root,
     traffic::Deployment,
@@ -88,9 +89,9 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
     // Client → target across nodes (node 2 is behind the router).
     let pairs = [(2, 0), (0, 1), (1, 2)];
     let open = |port: u16, d: &Deployment| {
-        pairs.iter().all(|&(c, t)| {
-            echo_ok(&d.pods[c].sb.ns, d.pods[t].ip, port, Duration::from_secs(2))
-        })
+        pairs
+            .iter()
+            .all(|&(c, t)| echo_ok(&d.pods[c].sb.ns, d.pods[t].ip, port, Duration::from_secs(2)))
     };
     let shut = |port: u16, d: &Deployment| {
         pairs
@@ -155,11 +156,18 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
             .unwrap_or_else(|| panic!("node {i}: no regression logged:\n{log}"));
         assert!(line.contains("ERROR"), "{line}");
         assert!(
-            line.contains(&format!("maps were programmed up to revision {}", programmed[i])),
+            line.contains(&format!(
+                "maps were programmed up to revision {}",
+                programmed[i]
+            )),
             "node {i}: {line}"
         );
         let now = metric(&d.cluster.nodes[i], "dataplane_sync_revision_programmed").unwrap();
-        assert!(now < programmed[i], "node {i}: programmed {now}, was {}", programmed[i]);
+        assert!(
+            now < programmed[i],
+            "node {i}: programmed {now}, was {}",
+            programmed[i]
+        );
     }
     // The maps follow etcd: the deleted policy is back in force on every node.
     let converged = wait_for("deny-extra back in force", Duration::from_secs(10), || {
@@ -172,8 +180,18 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
         assert_eq!(metric(n, "dataplane_sync_held_endpoints"), Some(0.0));
     }
     assert!(d.map_dump(0, "endpoints").contains(&late_ip.to_string()));
-    assert!(echo_ok(&d.pods[0].sb.ns, late_ip, RR_PORT, Duration::from_secs(2)));
-    assert!(echo_ok(&d.pods[2].sb.ns, late_ip, RR_PORT, Duration::from_secs(2)));
+    assert!(echo_ok(
+        &d.pods[0].sb.ns,
+        late_ip,
+        RR_PORT,
+        Duration::from_secs(2)
+    ));
+    assert!(echo_ok(
+        &d.pods[2].sb.ns,
+        late_ip,
+        RR_PORT,
+        Duration::from_secs(2)
+    ));
     assert!(
         d.agents[0]
             .log_text()
@@ -184,7 +202,10 @@ fn root_etcd_restored_from_an_older_snapshot_is_noticed_and_the_maps_follow_it()
     let t = Instant::now();
     d.apply(DENY_PROBE);
     let waited = t.elapsed();
-    assert!(waited < Duration::from_secs(10), "apply --wait took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "apply --wait took {waited:?}"
+    );
     assert!(shut(PROBE_PORT, &d), "in force when --wait returned");
     let (st, out, err) = d.ctl(&["node", "status", "-o", "json"]);
     assert!(st.success(), "{err}");
@@ -236,7 +257,14 @@ fn apply_pool(cluster: &Cluster, name: &str, cidr: &str) {
     let etcd = cluster.etcd.as_ref().unwrap().endpoint();
     let (st, out, err) = dataplane(
         &cluster.nodes[0].ns,
-        &["ctl", "--etcd-endpoints", &etcd, "apply", "-f", &f.display().to_string()],
+        &[
+            "ctl",
+            "--etcd-endpoints",
+            &etcd,
+            "apply",
+            "-f",
+            &f.display().to_string(),
+        ],
     );
     assert!(st.success(), "{out}{err}");
 }
@@ -297,9 +325,13 @@ fn root_etcd_wiped_and_refilled_past_the_agents_revision_is_noticed_by_its_statu
             && l.contains("/dataplane/v1/status/node-1 is gone")),
         "{log}"
     );
-    wait_for("the maps follow the new etcd", Duration::from_secs(10), || {
-        let r = routes(&cluster, &pins);
-        r.contains("10.66.0.0/16") && !r.contains("10.65.0.0/16")
-    });
+    wait_for(
+        "the maps follow the new etcd",
+        Duration::from_secs(10),
+        || {
+            let r = routes(&cluster, &pins);
+            r.contains("10.66.0.0/16") && !r.contains("10.65.0.0/16")
+        },
+    );
     eprintln!("wiped etcd noticed {took:?} after the agent resumed");
 }

@@ -96,7 +96,10 @@ fn root_layout_versions_and_size_changes_remake_maps_filled_before_the_swap() {
         has_line(&log, "map layout version changed", map_names::ROUTES),
         "{log}"
     );
-    assert!(log.contains("remade maps filled before the programs are swapped in"), "{log}");
+    assert!(
+        log.contains("remade maps filled before the programs are swapped in"),
+        "{log}"
+    );
     assert_ne!(map_id(&root, map_names::ROUTES), routes_id, "routes remade");
     assert_eq!(map_id(&root, map_names::CONNTRACK), ct_id, "conntrack kept");
     assert_eq!(
@@ -130,17 +133,28 @@ fn root_layout_versions_and_size_changes_remake_maps_filled_before_the_swap() {
             ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
     assert!(
         has_line(&log, "map layout changed", map_names::ENDPOINTS),
         "{log}"
     );
     assert!(
-        has_line(&log, "map starts empty in its new layout", map_names::ENDPOINTS),
+        has_line(
+            &log,
+            "map starts empty in its new layout",
+            map_names::ENDPOINTS
+        ),
         "{log}"
     );
-    assert!(log.contains("remade maps filled before the programs are swapped in"), "{log}");
+    assert!(
+        log.contains("remade maps filled before the programs are swapped in"),
+        "{log}"
+    );
     assert_ne!(map_id(&root, map_names::ENDPOINTS), endpoints_id);
     holds_local("endpoints", &d);
 

@@ -44,9 +44,7 @@ pub struct Outcome {
 pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     let mut version = SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1].to_owned();
     let command = env_var("CNI_COMMAND").unwrap_or_default();
-    let mut metrics_socket = Some(std::path::PathBuf::from(
-        crate::cni_metrics::DEFAULT_SOCKET,
-    ));
+    let mut metrics_socket = Some(std::path::PathBuf::from(crate::cni_metrics::DEFAULT_SOCKET));
     let result = (|| -> Result<Option<String>, CniError> {
         let env = Env::from_vars(&env_var)?;
         if env.command == "VERSION" {
