@@ -5,7 +5,8 @@
 //! interfaces), [`netlink`] (interface events), [`maps`] (typed access to pinned maps),
 //! [`agent`] (the reconcile loop), [`cleanup`] (uninstall), [`health`] and [`metrics`] (its HTTP endpoints), [`pinned`]
 //! (map fill and attached interfaces, read from the pins), [`dump`] (map-dump), [`cli`] (the
-//! command line), [`install_cni`] (puts the CNI plugin and its config on a node).
+//! command line), [`install_cni`] (puts the CNI plugin and its config on a node), [`trace`]
+//! (per-interface packet tracing in the programs).
 //! [`iptables`] is the other dataplane: routes, iptables and ipsets instead of programs, for
 //! comparison.
 
@@ -29,6 +30,7 @@ pub mod netlink;
 pub mod pinned;
 pub mod policy;
 pub mod sync;
+pub mod trace;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
 /// `dataplane` is one self-contained file.
