@@ -25,7 +25,9 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     DP_CONFIG, DP_LOG_IFACES, DP_LOG_ON, DP_LOG_SCRATCH, DP_ROUTES,
     counters::Stats,
-    packet::{ETH_LEN, ETH_P_IP, IPPROTO_IPIP},
+    packet::{
+        ETH_LEN, ETH_P_IP, IPPROTO_IPIP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    },
 };
 
 /// Whether this packet is traced; if so its counters are copied to the scratch value.
@@ -45,7 +47,7 @@ pub fn start(ctx: &TcContext, stats: &Stats) -> bool {
 #[inline(never)]
 fn snapshot(ifindex: u32, counters: *const Counters) -> bool {
     // SAFETY: only tested for presence.
-    if unsafe { DP_LOG_IFACES.get(&ifindex) }.is_none() || counters.is_null() {
+    if unsafe { DP_LOG_IFACES.get(ifindex) }.is_none() || counters.is_null() {
         return false;
     }
     let Some(scratch) = DP_LOG_SCRATCH.get_ptr_mut(0) else {
@@ -124,7 +126,15 @@ fn record(skb: *mut __sk_buff, counters: *const Counters, h: u8, verdict: i32) {
         ip = inner;
         l4 += usize::from(ip.vihl & 0x0f) * 4;
     }
-    let ports = ctx.load::<[u8; 4]>(l4).unwrap_or([0; 4]);
+    // Ports where the protocol has them (ICMP: 0).
+    let ports = if matches!(
+        ip.proto,
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
+    ) {
+        ctx.load::<[u8; 4]>(l4).unwrap_or([0; 4])
+    } else {
+        [0; 4]
+    };
     let target = if verdict == TC_ACT_REDIRECT {
         redirect_target(ip.dst_addr)
     } else {

@@ -521,8 +521,12 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
 
 /// Copies the programs' trace records (`dataplane trace`) into this agent's log as they come.
 async fn forward_trace_records(logger: aya_log::EbpfLogger<crate::trace::BpfLog>) {
-    let mut fd = match tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
-    {
+    // SAFETY: the descriptor is the ring buffer map's, owned by `logger`, which the AsyncFd
+    // owns from here on: it stays open and the same for the AsyncFd's whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "trace records not read");

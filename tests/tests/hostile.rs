@@ -541,7 +541,7 @@ fn root_live_a_pod_forging_its_mac_or_arp_is_dropped_and_counted_its_own_traffic
     assert!(ping(&a.sb.ns, remote.ip), "across nodes after the forgeries");
     let dump = d.map_dump(a.node, "counters");
     assert!(
-        dump.contains("drop_spoofed_mac"),
+        dump.contains("spoofed_mac=4"),
         "map-dump names the new reason:\n{dump}"
     );
 }
@@ -615,4 +615,108 @@ fn root_live_a_pods_ipip_to_a_remote_pod_or_node_is_never_decapsulated() {
     );
     assert_eq!(delivered, delivered_before, "nothing entered a pod on node b");
     assert!(ping(&a.sb.ns, b.ip), "the pods still talk");
+}
+
+/// The agent's log lines that are trace records of interface `iface`.
+fn records(d: &Deployment, node: usize, iface: &str) -> Vec<String> {
+    d.agents[node]
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("bpf") && l.contains(&format!("if={iface}(")))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn trace(d: &Deployment, node: usize, args: &[&str]) -> String {
+    let dir = d.pins[node].path.display().to_string();
+    let mut all = vec!["trace"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--bpffs-dir", &dir]);
+    let (st, out, err) = dataplane_tests::cluster::dataplane(&d.cluster.nodes[node].ns, &all);
+    assert!(st.success(), "dataplane {all:?}: {out}{err}");
+    out
+}
+
+#[test]
+fn root_live_tracing_switches_on_for_one_pod_and_off_again_at_run_time() {
+    require_root();
+    let d = Deployment::start("Always", 2);
+    let a = &d.pods[0];
+    let b = d
+        .pods
+        .iter()
+        .find(|p| p.node == a.node && p.ip != a.ip)
+        .unwrap();
+    let remote = d.pods.iter().find(|p| p.node != a.node).unwrap();
+    let veth = |p: &Pod| {
+        dataplane::cni::netsetup::host_veth_name(Some((&p.sb.namespace, &p.sb.pod)), "")
+    };
+    let (a_veth, b_veth) = (veth(a), veth(b));
+    // Traffic before: nothing traced.
+    assert!(ping(&a.sb.ns, remote.ip));
+    assert!(ping(&b.sb.ns, remote.ip));
+    assert!(records(&d, a.node, &a_veth).is_empty());
+
+    // On, by pod name, with the agent running: a's packets are recorded, b's are not.
+    let pod = format!("{}/{}", a.sb.namespace, a.sb.pod);
+    let out = trace(&d, a.node, &[&pod, "on"]);
+    assert!(out.contains(&a_veth), "{out}");
+    assert!(trace(&d, a.node, &["list"]).contains(&a_veth));
+    assert!(ping(&a.sb.ns, remote.ip));
+    assert!(ping(&b.sb.ns, remote.ip));
+    // A forged frame: its drop reason is in the record.
+    let mut forged = udp_frame(a.ip, remote.ip, b"forged");
+    forged[6..12].copy_from_slice(&FORGED_MAC);
+    send_frames(a, &[forged]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let want_ping = format!("proto=1 {}:", a.ip);
+    loop {
+        let recs = records(&d, a.node, &a_veth);
+        let ping_out = recs.iter().any(|l| {
+            l.contains("hook=from-workload verdict=redirect")
+                && l.contains("encapsulated")
+                && l.contains(&want_ping)
+                && l.contains(&format!("> {}:", remote.ip))
+        });
+        let forged_out = recs
+            .iter()
+            .any(|l| l.contains("verdict=drop") && l.contains("outcome=drop_spoofed_mac"));
+        if ping_out && forged_out {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records of {a_veth} missing (ping {ping_out}, forged {forged_out}):\n{}\nagent log:\n{}",
+            recs.join("\n"),
+            d.agents[a.node].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        records(&d, a.node, &b_veth).is_empty(),
+        "{b_veth} is not traced"
+    );
+
+    // Off: no more records.
+    trace(&d, a.node, &[&a_veth, "off"]);
+    assert!(!trace(&d, a.node, &["list"]).contains(&a_veth));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = records(&d, a.node, &a_veth).len();
+    assert!(ping(&a.sb.ns, remote.ip));
+    assert!(ping(&a.sb.ns, b.ip));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        records(&d, a.node, &a_veth).len(),
+        before,
+        "records after tracing was switched off"
+    );
+    // Bad input: one clear line, non-zero exit.
+    let dir = d.pins[a.node].path.display().to_string();
+    let (st, _, err) = dataplane_tests::cluster::dataplane(
+        &d.cluster.nodes[a.node].ns,
+        &["trace", "nosuchif0", "on", "--bpffs-dir", &dir],
+    );
+    assert!(!st.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no interface nosuchif0"), "{err}");
 }
