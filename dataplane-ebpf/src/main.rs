@@ -21,9 +21,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtValue, EndpointValue, FragKey, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_LOG_IFACES, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP, MAX_POLICY_PORT,
-    MAX_POLICY_RULES, MAX_ROUTES, NodeConfig, NodeValue, PolicyHitKey, PolicyIpKey, PolicyPortKey,
-    PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter, hook,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_LOG_IFACES, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP,
+    MAX_POLICY_PORT, MAX_POLICY_RULES, MAX_ROUTES, NodeConfig, NodeValue, PolicyHitKey,
+    PolicyIpKey, PolicyPortKey, PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.

@@ -14,7 +14,7 @@
 //! of the programs' frames (aya-log reserves the record in its ring buffer, not the stack).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_REDIRECT},
     btf_maps::lpm_trie::Key,
     programs::TcContext,
 };

@@ -61,8 +61,8 @@ pub fn resolve(target: &str) -> Result<(String, u32), TraceError> {
         }
         None => (target.to_owned(), String::new()),
     };
-    let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
-        .map_err(|_| TraceError::NoInterface {
+    let ifindex =
+        nix::net::if_::if_nametoindex(iface.as_str()).map_err(|_| TraceError::NoInterface {
             iface: iface.clone(),
             pod,
         })?;
@@ -97,7 +97,8 @@ pub fn set(root: &Path, ifindex: u32, on: bool) -> Result<usize, TraceError> {
     } else {
         match ifaces.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(MapError::SyscallError(ref s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(MapError::SyscallError(ref s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(map_err("write", map_names::LOG_IFACES)(e)),
         }
     }
@@ -134,9 +135,7 @@ pub fn run(args: &crate::cli::TraceArgs) -> Result<(), TraceError> {
                 "on" => true,
                 "off" => false,
                 other => {
-                    return Err(TraceError::Usage(format!(
-                        "{other:?}: expected on or off"
-                    )));
+                    return Err(TraceError::Usage(format!("{other:?}: expected on or off")));
                 }
             };
             let (iface, ifindex) = resolve(target)?;

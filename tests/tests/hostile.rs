@@ -106,7 +106,10 @@ fn root_test_run_arp_from_a_pod_must_name_its_own_mac_and_address() {
     }
     // Forged: the Ethernet source, the sender MAC, the sender address (another pod's).
     let cases = [
-        (arp_request(FORGED_MAC, mac, POD, GATEWAY), "ethernet source"),
+        (
+            arp_request(FORGED_MAC, mac, POD, GATEWAY),
+            "ethernet source",
+        ),
         (arp_request(mac, FORGED_MAC, POD, GATEWAY), "sender MAC"),
         (arp_request(mac, mac, OTHER_POD, GATEWAY), "sender address"),
     ];
@@ -235,7 +238,11 @@ fn root_test_run_a_pods_own_ipip_is_policed_like_any_protocol_and_never_decapsul
     let r = obj.run("from_workload", &pkt);
     assert_eq!(r.return_value, TC_ACT_REDIRECT);
     assert_eq!(r.data.len(), pkt.len() + 20);
-    assert_eq!((r.data[23], r.data[43]), (4, 4), "outer and middle protocol");
+    assert_eq!(
+        (r.data[23], r.data[43]),
+        (4, 4),
+        "outer and middle protocol"
+    );
     assert_eq!(&r.data[54..], &innermost[..], "inner packet untouched");
     // An egress policy allowing UDP only: protocol 4 is denied like any other.
     obj.install_policy(&udp_only());
@@ -255,10 +262,7 @@ fn root_test_run_a_pods_own_ipip_is_policed_like_any_protocol_and_never_decapsul
     pkt.extend_from_slice(&innermost);
     assert_eq!(obj.run("from_workload", &pkt).return_value, TC_ACT_SHOT);
     let udp = udp_frame(POD, other, b"fine");
-    assert_eq!(
-        obj.run("from_workload", &udp).return_value,
-        TC_ACT_REDIRECT
-    );
+    assert_eq!(obj.run("from_workload", &udp).return_value, TC_ACT_REDIRECT);
     let c = counters(&obj, hook::FROM_WORKLOAD);
     assert_eq!(c[counter::DROP_POLICY], 1);
     assert_eq!(c[counter::ENCAPSULATED], 2);
@@ -335,7 +339,11 @@ fn root_test_run_bad_checksums_go_on_bad_and_bad_lengths_are_dropped() {
     let r = obj.run("from_workload", &bad);
     assert_eq!(r.return_value, TC_ACT_REDIRECT);
     assert_ne!(checksum(&r.data[34..54]), 0, "inner checksum still wrong");
-    assert_eq!(checksum(&r.data[14..34]), 0, "outer checksum our own, right");
+    assert_eq!(
+        checksum(&r.data[14..34]),
+        0,
+        "outer checksum our own, right"
+    );
     // Total length below the header, and a UDP packet too short for its ports.
     let mut short_total = udp_frame(POD, REMOTE_POD, b"x");
     short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
@@ -446,7 +454,10 @@ fn root_live_a_pod_forging_its_mac_or_arp_is_dropped_and_counted_its_own_traffic
     let remote = d.pods.iter().find(|p| p.node != a.node).unwrap();
     assert!(ping(&a.sb.ns, remote.ip), "baseline across nodes");
     let node_ns = &d.cluster.nodes[a.node].ns;
-    assert!(ping(node_ns, a.ip), "baseline from the node (a neighbour entry)");
+    assert!(
+        ping(node_ns, a.ip),
+        "baseline from the node (a neighbour entry)"
+    );
     let mac = pod_mac(a);
     let host_veth = d.veths(a.node).into_iter().find(|v| {
         d.cluster.nodes[a.node]
@@ -530,7 +541,10 @@ fn root_live_a_pod_forging_its_mac_or_arp_is_dropped_and_counted_its_own_traffic
     // The pod's honest ARP passes: the node forgets the pod's MAC, asks again, and the reply
     // (sender: the pod's MAC and address) gets through.
     node_ns.ip(&["neigh", "flush", "dev", &host_veth]);
-    assert!(ping(node_ns, a.ip), "the node reaches the pod after re-resolving it");
+    assert!(
+        ping(node_ns, a.ip),
+        "the node reaches the pod after re-resolving it"
+    );
     let neigh = neighbours(&d, a.node, &host_veth);
     let want = mac.map(|b| format!("{b:02x}")).join(":");
     assert!(
@@ -538,7 +552,10 @@ fn root_live_a_pod_forging_its_mac_or_arp_is_dropped_and_counted_its_own_traffic
         "the pod's MAC learnt from its ARP reply: {neigh}"
     );
     assert!(ping(&a.sb.ns, local.ip), "same node after the forgeries");
-    assert!(ping(&a.sb.ns, remote.ip), "across nodes after the forgeries");
+    assert!(
+        ping(&a.sb.ns, remote.ip),
+        "across nodes after the forgeries"
+    );
     let dump = d.map_dump(a.node, "counters");
     assert!(
         dump.contains("spoofed_mac=4"),
@@ -607,13 +624,20 @@ fn root_live_a_pods_ipip_to_a_remote_pod_or_node_is_never_decapsulated() {
         counter::DROP_UNKNOWN_IPIP_PEER,
     );
     let delivered = node_counter(&d, b.node, hook::TO_WORKLOAD, counter::PACKETS);
-    assert_eq!(nested - nested_before, 2, "nested IP-in-IP dropped at node b");
+    assert_eq!(
+        nested - nested_before,
+        2,
+        "nested IP-in-IP dropped at node b"
+    );
     assert_eq!(
         peer - peer_before,
         2,
         "IP-in-IP from a pod's address to node b dropped as from no node"
     );
-    assert_eq!(delivered, delivered_before, "nothing entered a pod on node b");
+    assert_eq!(
+        delivered, delivered_before,
+        "nothing entered a pod on node b"
+    );
     assert!(ping(&a.sb.ns, b.ip), "the pods still talk");
 }
 
@@ -648,9 +672,8 @@ fn root_live_tracing_switches_on_for_one_pod_and_off_again_at_run_time() {
         .find(|p| p.node == a.node && p.ip != a.ip)
         .unwrap();
     let remote = d.pods.iter().find(|p| p.node != a.node).unwrap();
-    let veth = |p: &Pod| {
-        dataplane::cni::netsetup::host_veth_name(Some((&p.sb.namespace, &p.sb.pod)), "")
-    };
+    let veth =
+        |p: &Pod| dataplane::cni::netsetup::host_veth_name(Some((&p.sb.namespace, &p.sb.pod)), "");
     let (a_veth, b_veth) = (veth(a), veth(b));
     // Traffic before: nothing traced.
     assert!(ping(&a.sb.ns, remote.ip));
