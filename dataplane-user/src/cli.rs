@@ -114,7 +114,7 @@ pub enum Command {
     /// Examples:
     ///   dataplane trace default/web on
     ///   dataplane trace cali1a2b3c4d5e6 on --bpffs-dir /sys/fs/bpf/dataplane
-    ///   kubectl -n kube-system logs ds/dataplane | grep ' bpf: '
+    ///   kubectl -n kube-system logs ds/dataplane | grep 'bpf.*hook='
     ///   dataplane trace eth0 on; dataplane trace list
     ///   dataplane trace default/web off; dataplane trace off-all
     #[command(verbatim_doc_comment)]
