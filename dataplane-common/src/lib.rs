@@ -20,6 +20,8 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "DP_FRAGMENTS";
     pub const POLICY_HITS: &str = "DP_POLICY_HITS";
     pub const POLICY_RULES: &str = "DP_POLICY_RULES";
+    pub const LOG_ON: &str = "DP_LOG_ON";
+    pub const LOG_IFACES: &str = "DP_LOG_IFACES";
 }
 
 /// The layout version of each pinned map: what its keys and values *mean*, beyond their
@@ -51,9 +53,11 @@ pub mod layout_version {
     pub const FRAGMENTS: u32 = 1;
     pub const POLICY_HITS: u32 = 1;
     pub const POLICY_RULES: u32 = 1;
+    pub const LOG_ON: u32 = 1;
+    pub const LOG_IFACES: u32 = 1;
 
     /// Every pinned map's version, by map name.
-    pub const ALL: [(&str, u32); 13] = [
+    pub const ALL: [(&str, u32); 15] = [
         (map_names::COUNTERS, COUNTERS),
         (map_names::ROUTES, ROUTES),
         (map_names::ENDPOINTS, ENDPOINTS),
@@ -67,6 +71,8 @@ pub mod layout_version {
         (map_names::FRAGMENTS, FRAGMENTS),
         (map_names::POLICY_HITS, POLICY_HITS),
         (map_names::POLICY_RULES, POLICY_RULES),
+        (map_names::LOG_ON, LOG_ON),
+        (map_names::LOG_IFACES, LOG_IFACES),
     ];
 
     /// The version of map `name` in this build (1 for a name it does not know).
@@ -94,6 +100,8 @@ pub const MAX_POLICY_HITS: u32 = 1 << 16;
 /// Most rules of all compiled policies together described for inspection (see
 /// [`PolicyRuleMeta`]); rules past it are enforced but shown without their name.
 pub const MAX_POLICY_RULES: u32 = 1 << 18;
+/// Most interfaces traced at once (`dataplane trace`).
+pub const MAX_LOG_IFACES: u32 = 1024;
 /// Most fragmented datagrams in flight whose first fragment was allowed (LRU).
 pub const MAX_FRAGMENTS: u32 = 1 << 14;
 
@@ -590,6 +598,12 @@ pub mod counter {
     pub const DROP_INTERNAL: usize = DROP_BASE + 7;
     /// From or to a pod interface whose endpoint (and policy) is not programmed yet.
     pub const DROP_NO_ENDPOINT: usize = DROP_BASE + 8;
+    /// A frame from a pod whose Ethernet source (or ARP sender hardware address) is not the
+    /// pod's MAC.
+    pub const DROP_SPOOFED_MAC: usize = DROP_BASE + 9;
+    /// IP-in-IP from a node whose inner packet is IP-in-IP again: decapsulated once, never
+    /// twice, and not delivered.
+    pub const DROP_NESTED_IPIP: usize = DROP_BASE + 10;
 
     pub const COUNT: usize = 24;
 
@@ -612,6 +626,8 @@ pub mod counter {
         (DROP_TOO_BIG, "drop_too_big"),
         (DROP_INTERNAL, "drop_internal"),
         (DROP_NO_ENDPOINT, "drop_no_endpoint"),
+        (DROP_SPOOFED_MAC, "drop_spoofed_mac"),
+        (DROP_NESTED_IPIP, "drop_nested_ipip"),
     ];
 }
 

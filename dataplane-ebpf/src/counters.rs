@@ -5,11 +5,18 @@ use dataplane_common::{CounterKey, Counters, MAX_COUNTER_KEYS, counter};
 
 const EEXIST: i32 = 17;
 
+/// The value a new entry starts from. A static, so that the insert reads it from the object's
+/// read-only data instead of a 192-byte zeroed copy on the stack of every program (the
+/// verifier allows a map value as the value argument of an update).
+static ZERO: Counters = Counters::ZERO;
+
 pub type CounterMap = PerCpuHashMap<CounterKey, Counters, { MAX_COUNTER_KEYS as usize }>;
 
-/// This CPU's counters for one (interface, hook); empty when the map is full, in which case
-/// counting is skipped rather than the packet dropped.
-pub struct Stats(Option<*mut Counters>);
+/// This CPU's counters for one (interface, hook); null when the map is full, in which case
+/// counting is skipped rather than the packet dropped. A plain pointer, not an `Option`: the
+/// payload of a `None` is undefined, and LLVM may spill it, which the verifier refuses
+/// ("!read_ok").
+pub struct Stats(*mut Counters);
 
 impl Stats {
     #[inline(always)]
@@ -25,16 +32,25 @@ impl Stats {
     pub fn of(map: &CounterMap, ifindex: u32, hook: u8) -> Self {
         let key = CounterKey::new(ifindex, hook);
         if let Some(p) = map.get_ptr_mut(key) {
-            return Self(Some(p));
+            return Self(p);
         }
         // First packet on this interface and hook: create the entry. Another CPU may win the
         // race (EEXIST); either way the lookup after it finds the entry.
-        match map.insert(key, Counters::ZERO, u64::from(BPF_NOEXIST)) {
+        // A reference on purpose: by value, the 192-byte zero would be copied to the stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let inserted = map.insert(key, &ZERO, u64::from(BPF_NOEXIST));
+        match inserted {
             Ok(()) => {}
             Err(e) if e == -EEXIST => {}
-            Err(_) => return Self(None),
+            Err(_) => return Self(core::ptr::null_mut()),
         }
-        Self(map.get_ptr_mut(key))
+        Self(map.get_ptr_mut(key).unwrap_or(core::ptr::null_mut()))
+    }
+
+    /// This CPU's counters, or null when the map was full.
+    #[inline(always)]
+    pub fn ptr(&self) -> *const Counters {
+        self.0
     }
 
     #[inline(always)]
@@ -42,7 +58,8 @@ impl Stats {
         if slot >= counter::COUNT {
             return;
         }
-        if let Some(p) = self.0 {
+        let p = self.0;
+        if !p.is_null() {
             // SAFETY: a per-CPU map value is only touched by this CPU while the program runs,
             // and `slot` is within the array.
             unsafe { (*p).values[slot] += n };

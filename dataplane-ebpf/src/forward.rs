@@ -17,7 +17,7 @@ use crate::{
     DP_CONFIG, DP_COUNTERS, DP_ENDPOINTS, DP_FRAGMENTS, DP_NODES, DP_ROUTES,
     conntrack::{self, Outcome},
     counters::Stats,
-    ipip,
+    guard, ipip,
     packet::{self, ETH_LEN, Frame, IPPROTO_IPIP},
     redirect,
 };
@@ -273,12 +273,25 @@ pub fn to_workload(ctx: &TcContext, stats: &Stats) -> i32 {
     pass(stats)
 }
 
-/// TC ingress of a pod's veth.
+/// TC ingress of a pod's veth. Every frame of a programmed pod, IPv4 or not, must carry the
+/// pod's MAC (and, in ARP, its MAC and address: [`guard::forged_frame`]).
 #[inline(always)]
 pub fn from_workload(ctx: &mut TcContext, stats: &Stats) -> i32 {
-    let (ip, ep) = match pod_packet(ctx, stats) {
-        Ok(p) => p,
-        Err(verdict) => return verdict,
+    let Some(ep) = endpoint(ctx) else {
+        // Not programmed yet: non-IPv4 passes, IPv4 is dropped (as to-workload does).
+        return match pod_packet(ctx, stats) {
+            Ok(_) => drop(stats, counter::DROP_NO_ENDPOINT),
+            Err(verdict) => verdict,
+        };
+    };
+    let forged = guard::forged_frame(ctx.skb.skb, guard::mac_word(&ep.mac), ep.ip);
+    if forged != 0 {
+        return drop(stats, forged);
+    }
+    let ip = match packet::parse(ctx) {
+        Err(()) => return drop(stats, counter::DROP_MALFORMED),
+        Ok(Frame::Other) => return pass(stats),
+        Ok(Frame::Ipv4(ip)) => ip,
     };
     if ep.ip != ip.src_addr {
         return drop(stats, counter::DROP_SPOOFED_SOURCE);
@@ -312,11 +325,23 @@ pub fn host_ingress(ctx: &mut TcContext, stats: &Stats) -> i32 {
         if unsafe { DP_NODES.get(ip.src_addr) }.is_none() {
             return drop(stats, counter::DROP_UNKNOWN_IPIP_PEER);
         }
+        // Nodes send a bare 20-byte outer header, never fragmented (too big is dropped before
+        // encapsulation). Decapsulation removes exactly 20 bytes and TC sees fragments before
+        // reassembly: options or a fragment would leave garbage as the "inner packet".
+        if !ipip::decapsulable(&ip) {
+            return drop(stats, counter::DROP_MALFORMED);
+        }
         if ipip::decap(ctx).is_err() {
             return drop(stats, counter::DROP_MALFORMED);
         }
         stats.add(counter::DECAPSULATED, 1);
         match packet::parse(ctx) {
+            // Decapsulated once, never twice: no node sends IP-in-IP in IP-in-IP, and a pod's
+            // own IP-in-IP (which a pod to a remote pod in an IP-in-IP pool would look like)
+            // is not delivered either, so that no tunnel reaches past this one.
+            Ok(Frame::Ipv4(inner)) if inner.proto == IPPROTO_IPIP => {
+                return drop(stats, counter::DROP_NESTED_IPIP);
+            }
             Ok(Frame::Ipv4(inner)) => inner,
             _ => return drop(stats, counter::DROP_MALFORMED),
         }

@@ -52,3 +52,10 @@ pub fn decap(ctx: &mut TcContext) -> Result<(), ()> {
     )
     .map_err(|_| ())
 }
+
+/// Whether the outer header `outer` can be removed by [`decap`]: exactly 20 bytes (no
+/// options) and a whole packet (neither MF nor a fragment offset).
+#[inline(always)]
+pub fn decapsulable(outer: &Ipv4Hdr) -> bool {
+    outer.vihl == 0x45 && u16::from_be_bytes(outer.frags) & 0x3fff == 0
+}

@@ -6,22 +6,24 @@
 mod conntrack;
 mod counters;
 mod forward;
+mod guard;
 mod ipip;
 mod packet;
 mod policy;
 mod redirect;
+mod trace;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use dataplane_common::{
     CounterKey, Counters, CtKey, CtValue, EndpointValue, FragKey, MAX_CONNTRACK, MAX_COUNTER_KEYS,
-    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP, MAX_POLICY_PORT,
-    MAX_POLICY_RULES, MAX_ROUTES, NodeConfig, NodeValue, PolicyHitKey, PolicyIpKey, PolicyPortKey,
-    PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter, hook,
+    MAX_ENDPOINTS, MAX_FRAGMENTS, MAX_LOG_IFACES, MAX_NODES, MAX_POLICY_HITS, MAX_POLICY_IP,
+    MAX_POLICY_PORT, MAX_POLICY_RULES, MAX_ROUTES, NodeConfig, NodeValue, PolicyHitKey,
+    PolicyIpKey, PolicyPortKey, PolicyRuleKey, PolicyRuleMeta, RouteValue, Verdict, counter, hook,
 };
 
 /// Packets, bytes and outcomes per (interface, hook), per CPU. Pinned as `DP_COUNTERS`.
@@ -107,32 +109,78 @@ static DP_CONNTRACK: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Non-zero when some interface is traced (`dataplane trace`): the one load a packet pays
+/// for tracing when nothing is traced. Written by `dataplane trace` with the hash below.
+#[btf_map]
+static DP_LOG_ON: Array<u32, 1> = Array::new();
+
+/// The traced interfaces by ifindex (value unused). Written by `dataplane trace`.
+#[btf_map]
+static DP_LOG_IFACES: HashMap<u32, u32, { MAX_LOG_IFACES as usize }> = HashMap::new();
+
+/// This CPU's counters of a traced packet's (interface, hook) before its program ran.
+#[btf_map]
+static DP_LOG_SCRATCH: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
 /// TC ingress of a `cali*` veth: what the pod sends.
 #[classifier]
 pub fn from_workload(mut ctx: TcContext) -> i32 {
     let stats = account(&ctx, hook::FROM_WORKLOAD);
-    forward::from_workload(&mut ctx, &stats)
+    let traced = trace::start(&ctx, &stats);
+    let verdict = from_workload_decide(&mut ctx, &stats);
+    trace::finish(&ctx, &stats, hook::FROM_WORKLOAD, verdict, traced)
 }
 
 /// TC egress of a `cali*` veth: what is about to enter the pod.
 #[classifier]
 pub fn to_workload(ctx: TcContext) -> i32 {
     let stats = account(&ctx, hook::TO_WORKLOAD);
-    forward::to_workload(&ctx, &stats)
+    let traced = trace::start(&ctx, &stats);
+    let verdict = to_workload_decide(&ctx, &stats);
+    trace::finish(&ctx, &stats, hook::TO_WORKLOAD, verdict, traced)
 }
 
 /// TC ingress of the host NIC: what arrives from the fabric.
 #[classifier]
 pub fn host_ingress(mut ctx: TcContext) -> i32 {
     let stats = account(&ctx, hook::HOST_INGRESS);
-    forward::host_ingress(&mut ctx, &stats)
+    let traced = trace::start(&ctx, &stats);
+    let verdict = host_ingress_decide(&mut ctx, &stats);
+    trace::finish(&ctx, &stats, hook::HOST_INGRESS, verdict, traced)
 }
 
 /// TC egress of the host NIC: what leaves for the fabric.
 #[classifier]
 pub fn host_egress(mut ctx: TcContext) -> i32 {
     let stats = account(&ctx, hook::HOST_EGRESS);
-    forward::host_egress(&mut ctx, &stats)
+    let traced = trace::start(&ctx, &stats);
+    let verdict = host_egress_decide(&mut ctx, &stats);
+    trace::finish(&ctx, &stats, hook::HOST_EGRESS, verdict, traced)
+}
+
+// Each program's work is a BPF subprogram with its own frame, so that the entry point's frame
+// stays small: the verifier limits a whole call chain to 512 bytes, and the trace record
+// (trace.rs, its own subprogram) is called from the entry point, beside the work rather than
+// on top of it. From-workload's work alone takes about 350 bytes (two policy checks inline).
+
+#[inline(never)]
+fn from_workload_decide(ctx: &mut TcContext, stats: &counters::Stats) -> i32 {
+    forward::from_workload(ctx, stats)
+}
+
+#[inline(never)]
+fn to_workload_decide(ctx: &TcContext, stats: &counters::Stats) -> i32 {
+    forward::to_workload(ctx, stats)
+}
+
+#[inline(never)]
+fn host_ingress_decide(ctx: &mut TcContext, stats: &counters::Stats) -> i32 {
+    forward::host_ingress(ctx, stats)
+}
+
+#[inline(never)]
+fn host_egress_decide(ctx: &mut TcContext, stats: &counters::Stats) -> i32 {
+    forward::host_egress(ctx, stats)
 }
 
 /// Counts the packet and its bytes for this interface and hook, and returns its counters.

@@ -415,6 +415,9 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         }
     }
     let catch_up = programs.catch_up.take();
+    if let Some(logger) = programs.trace_logger() {
+        tokio::spawn(forward_trace_records(logger));
+    }
     let health = Arc::new(Health::new(sync_parts.is_some(), opts.readiness_grace));
     let metrics = Arc::new(Metrics::new(pins.root(), health.clone()));
     // Served from now on: liveness during start-up, readiness false until attached.
@@ -527,5 +530,32 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                 }
             }
         }
+    }
+}
+
+/// Copies the programs' trace records (`dataplane trace`) into this agent's log as they come.
+async fn forward_trace_records(logger: aya_log::EbpfLogger<crate::trace::BpfLog>) {
+    // SAFETY: the descriptor is the ring buffer map's, owned by `logger`, which the AsyncFd
+    // owns from here on: it stays open and the same for the AsyncFd's whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "trace records not read");
+            return;
+        }
+    };
+    loop {
+        let mut ready = match fd.readable_mut().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "trace records not read any more");
+                return;
+            }
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }

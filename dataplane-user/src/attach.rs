@@ -108,7 +108,7 @@ const PROGRAMS: [&str; 4] = [
     "host_egress",
 ];
 /// The maps pinned under `<bpffs-dir>/maps`, by name.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 15] = [
     map_names::COUNTERS,
     map_names::ROUTES,
     map_names::ENDPOINTS,
@@ -122,6 +122,8 @@ pub const PINNED_MAPS: [&str; 13] = [
     map_names::FRAGMENTS,
     map_names::POLICY_HITS,
     map_names::POLICY_RULES,
+    map_names::LOG_ON,
+    map_names::LOG_IFACES,
 ];
 
 /// The programs of one interface, attached through pinned TCX links.
@@ -207,6 +209,18 @@ impl Programs {
             layout,
             catch_up: Some(catch_up),
         })
+    }
+
+    /// The reader of the programs' trace records (aya-log's ring buffer), forwarding them to
+    /// [`crate::trace::BpfLog`]; `None` for an object built without tracing.
+    pub fn trace_logger(&mut self) -> Option<aya_log::EbpfLogger<crate::trace::BpfLog>> {
+        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, crate::trace::BpfLog) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "no trace records from these programs");
+                None
+            }
+        }
     }
 
     /// Removes the pins of links whose interface is gone (their links are already detached

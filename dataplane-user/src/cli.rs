@@ -101,6 +101,24 @@ pub enum Command {
     ///   dataplane ctl node status -o json
     #[command(verbatim_doc_comment)]
     Ctl(CtlArgs),
+    /// Trace packets in the BPF programs on one interface (a cali* veth, the host NIC) or a
+    /// pod's veth (NAMESPACE/POD), switched on and off at run time without reloading.
+    ///
+    /// Writes the pinned maps directly (no agent or etcd needed); the running agent prints
+    /// one record per packet of a traced interface in its log, target `bpf`: interface,
+    /// hook, verdict, outcome, drop reason, conntrack's decision (ct_new/ct_tracked),
+    /// encapsulation, addresses and ports, and where a redirect sent it. Untraced interfaces
+    /// pay one array load per packet. `list` prints the traced interfaces, `off-all`
+    /// switches every one off.
+    ///
+    /// Examples:
+    ///   dataplane trace default/web on
+    ///   dataplane trace cali1a2b3c4d5e6 on --bpffs-dir /sys/fs/bpf/dataplane
+    ///   kubectl -n kube-system logs ds/dataplane | grep 'bpf.*hook='
+    ///   dataplane trace eth0 on; dataplane trace list
+    ///   dataplane trace default/web off; dataplane trace off-all
+    #[command(verbatim_doc_comment)]
+    Trace(TraceArgs),
     /// Remove everything the agent installed on this node, for an uninstall: its TCX links
     /// (the programs come off every interface), pinned maps and pin directory, and in the
     /// iptables mode its cali- chains, the jumps to them, its cali- ipsets and its routes
@@ -610,6 +628,19 @@ pub struct MapDumpArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The agent's pin directory.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// An interface, NAMESPACE/POD, or `list` / `off-all`.
+    #[arg(value_name = "IFACE|POD|list|off-all")]
+    pub target: String,
+    /// `on` or `off` (not with list / off-all).
+    #[arg(value_name = "on|off")]
+    pub state: Option<String>,
     /// The agent's pin directory.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,

@@ -7,7 +7,8 @@
 //! (map fill and attached interfaces, read from the pins), [`dump`] (map-dump), [`cli`] (the
 //! command line), [`install_cni`] (puts the CNI plugin and its config on a node),
 //! [`cni_metrics`] (the plugin's latency records to the agent), [`runlock`] (the iptables
-//! mode's lock, which `cleanup` checks).
+//! mode's lock, which `cleanup` checks), [`trace`] (per-interface packet tracing in the
+//! programs).
 //! [`iptables`] is the other dataplane: routes, iptables and ipsets instead of programs, for
 //! comparison.
 
@@ -33,6 +34,7 @@ pub mod pinned;
 pub mod policy;
 pub mod runlock;
 pub mod sync;
+pub mod trace;
 
 /// The TC programs, built by `build.rs` from the `dataplane-ebpf` crate and embedded so that
 /// `dataplane` is one self-contained file.

@@ -149,6 +149,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
             clap_complete::generate(shell, &mut cmd, "dataplane", &mut std::io::stdout());
         }
         Command::MapDump(args) => dump::run(&args)?,
+        Command::Trace(args) => dataplane::trace::run(&args)?,
     }
     Ok(())
 }

@@ -14,7 +14,13 @@ use dataplane_common::{
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_UDP: u8 = 17;
+/// The Ethernet source of the frames these builders make (and their destination
+/// [`FRAME_DST_MAC`]): a test that plays a pod programs this as the pod's MAC, since
+/// from-workload drops frames from any other.
+pub const FRAME_SRC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+pub const FRAME_DST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 /// The Internet checksum of `data`.
 pub fn checksum(data: &[u8]) -> u16 {
@@ -65,9 +71,22 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 /// A whole Ethernet/IPv4/UDP frame.
 pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let l4 = udp(40000, 53, payload);
-    let mut f = eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ETH_P_IP);
+    let mut f = eth(FRAME_DST_MAC, FRAME_SRC_MAC, ETH_P_IP);
     f.extend(ipv4(src, dst, IPPROTO_UDP, l4.len(), 64));
     f.extend(l4);
+    f
+}
+
+/// An ARP request for IPv4 over Ethernet (padded to the 60-byte minimum as a NIC would):
+/// Ethernet source `eth_src`, sender `sha`/`spa`, asking for `tpa`.
+pub fn arp_request(eth_src: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut f = eth([0xff; 6], eth_src, ETH_P_ARP);
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa.octets());
+    f.resize(60, 0);
     f
 }
 
@@ -85,7 +104,7 @@ pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 
 /// A frame carrying `l4` as protocol `proto`.
 pub fn frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], ETH_P_IP);
+    let mut f = eth(FRAME_DST_MAC, FRAME_SRC_MAC, ETH_P_IP);
     f.extend(ipv4(src, dst, proto, l4.len(), 64));
     f.extend_from_slice(l4);
     f

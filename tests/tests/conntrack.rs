@@ -8,7 +8,8 @@ use dataplane::policy::compile::{self, CompiledRule, Entries};
 use dataplane_common::{CtKey, CtTimeouts, EndpointValue, counter, ct, hook};
 use dataplane_tests::{
     packets::{
-        IPPROTO_ICMP, IPPROTO_TCP, TestObject, frame, icmp, ipv4, tcp_frame, udp, udp_frame_ports,
+        FRAME_SRC_MAC, IPPROTO_ICMP, IPPROTO_TCP, TestObject, frame, icmp, ipv4, tcp_frame, udp,
+        udp_frame_ports,
     },
     require_root,
 };
@@ -38,7 +39,7 @@ fn object(t: CtTimeouts) -> TestObject {
         IFINDEX,
         EndpointValue {
             ip: POD.octets(),
-            mac: [2, 0, 0, 0, 0, 2],
+            mac: FRAME_SRC_MAC,
             flags: 0,
             ingress_policy: DENY_ALL,
             egress_policy: 0,
@@ -213,6 +214,7 @@ fn root_unprogrammed_pods_and_truncated_headers_are_dropped() {
         IFINDEX,
         EndpointValue {
             ip: POD.octets(),
+            mac: FRAME_SRC_MAC,
             ..Default::default()
         },
     );

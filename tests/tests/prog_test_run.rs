@@ -24,11 +24,7 @@ fn all_hooks() -> [(&'static str, u8); 4] {
 fn root_every_program_passes_and_counts_an_ipv4_udp_packet_untouched() {
     require_root();
     let mut obj = TestObject::load();
-    obj.add_endpoint(
-        TEST_RUN_IFINDEX,
-        Ipv4Addr::new(10, 65, 0, 2),
-        [2, 0, 0, 0, 0, 2],
-    );
+    obj.add_endpoint(TEST_RUN_IFINDEX, Ipv4Addr::new(10, 65, 0, 2), FRAME_SRC_MAC);
     let pkt = udp_frame(
         Ipv4Addr::new(10, 65, 0, 2),
         Ipv4Addr::new(10, 65, 0, 3),
@@ -100,7 +96,8 @@ const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 10);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 2);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 130);
-const POD_MAC: [u8; 6] = [0x0e, 1, 2, 3, 4, 5];
+/// The pod's MAC: the source of the frames the builders make (from-workload drops others).
+const POD_MAC: [u8; 6] = FRAME_SRC_MAC;
 
 /// A test object set up as node 192.168.1.10 with a local pod 10.65.0.2 on ifindex 1 (the
 /// ifindex test runs see) and node 192.168.2.10 owning 10.65.0.128/26 in IP-in-IP.
