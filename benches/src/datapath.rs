@@ -8,6 +8,11 @@
 //! - `bare`: kernel routing, no agents, no policy (it takes no rules; measured in every rule
 //!   block as the baseline of that block's rounds);
 //! - `iptables`: agents `--dataplane iptables` (nft backend), pool ipipMode Never;
+//! - `iptables-legacy`: the same with `--iptables-backend legacy` (x_tables);
+//! - `ipset`: the iptables mode (nft) where the N non-matching rules are folded into one:
+//!   a rule whose source is the N peers' addresses, which the iptables rendering turns into
+//!   one `hash:net` ipset (`-m set --match-set … src`), then the allow of the client. What a
+//!   hand-tuned iptables policy with one ipset costs; the other configurations get N rules;
 //! - `bpf`: agents in BPF mode, pool ipipMode Never (like for like with iptables);
 //! - `bpf-ipip`: BPF mode with IP-in-IP Always, cross node only (the kernel has no ipip module,
 //!   so iptables cannot encapsulate; labelled, not compared with iptables);
@@ -41,6 +46,25 @@ pub struct Plan {
     pub stream_s: u64,
     /// WorkloadEndpoints written for the memory figures.
     pub endpoints: usize,
+    /// The configurations to run (all of [`CONFIGS`] unless told otherwise).
+    pub configs: Vec<String>,
+}
+
+/// Every configuration, in the order they run in a round.
+pub const CONFIGS: [&str; 7] = [
+    "bare",
+    "bare-vxlan",
+    "iptables",
+    "iptables-legacy",
+    "ipset",
+    "bpf",
+    "bpf-ipip",
+];
+
+impl Plan {
+    pub fn runs(&self, config: &str) -> bool {
+        self.configs.iter().any(|c| c == config)
+    }
 }
 
 impl Plan {
@@ -56,6 +80,7 @@ impl Plan {
                 crr_ms: 400,
                 stream_s: 1,
                 endpoints: 20,
+                configs: CONFIGS.map(str::to_owned).to_vec(),
             }
         } else {
             Self {
@@ -68,6 +93,7 @@ impl Plan {
                 crr_ms: 1_000,
                 stream_s: 1,
                 endpoints: 1_000,
+                configs: CONFIGS.map(str::to_owned).to_vec(),
             }
         }
     }
@@ -133,6 +159,10 @@ struct Config {
     takes_rules: bool,
     bpf: bool,
     same_node: bool,
+    /// The N non-matching peers as one rule's address list (one ipset in iptables).
+    one_set: bool,
+    /// Measured with many endpoints at the end (bpf and iptables-nft).
+    memory: bool,
 }
 
 /// A non-pod address for rule `i` (198.18.0.0/15, the benchmarking range).
@@ -145,6 +175,32 @@ const RULES_PER_POLICY: usize = 10_000;
 /// How many NetworkPolicies (`bench-rules-0`…) [`policy_manifests`] writes for `n` rules.
 fn policies(n: usize) -> usize {
     n.div_ceil(RULES_PER_POLICY).max(1)
+}
+
+/// The allow of `client` on the bench ports.
+fn allow_client(client: std::net::Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({"action": "Allow", "protocol": "TCP",
+        "source": {"nets": [format!("{client}/32")]},
+        "destination": {"ports": [RR_PORT, CRR_PORT, STREAM_PORT]}})
+}
+
+/// The `ipset` configuration's policy: one rule whose source is the `n` non-matching peers
+/// (one `hash:net` ipset in the iptables rendering), then the allow of `client`; one
+/// NetworkPolicy, named as [`policy_manifests`]' first.
+fn one_set_manifest(n: usize, client: std::net::Ipv4Addr) -> String {
+    let mut ingress = Vec::new();
+    if n > 0 {
+        let nets: Vec<String> = (0..n).map(|i| format!("{}/32", rule_peer(i))).collect();
+        ingress.push(serde_json::json!({"action": "Allow", "protocol": "TCP",
+            "source": {"nets": nets}, "destination": {"ports": [10_000]}}));
+    }
+    ingress.push(allow_client(client));
+    let doc = serde_json::json!({
+        "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+        "metadata": {"name": "bench-rules-0", "namespace": "default"},
+        "spec": {"selector": "all()", "types": ["Ingress"], "order": 100, "ingress": ingress}
+    });
+    format!("{doc}\n")
 }
 
 /// `n` non-matching rules then the allow of `client` on the bench ports, as JSON manifests:
@@ -163,9 +219,7 @@ fn policy_manifests(n: usize, client: std::net::Ipv4Addr) -> String {
             })
             .collect();
         if p == parts - 1 {
-            ingress.push(serde_json::json!({"action": "Allow", "protocol": "TCP",
-                "source": {"nets": [format!("{client}/32")]},
-                "destination": {"ports": [RR_PORT, CRR_PORT, STREAM_PORT]}}));
+            ingress.push(allow_client(client));
         }
         let doc = serde_json::json!({
             "apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
@@ -210,7 +264,13 @@ fn pinned_memlock(dir: &std::path::Path) -> Option<u64> {
 fn program(c: &Config, n: usize) -> anyhow::Result<Control> {
     let dir = tempfile::tempdir()?;
     let f = dir.path().join("rules.json");
-    std::fs::write(&f, policy_manifests(n, c.d.pods[0].ip))?;
+    let client = c.d.pods[0].ip;
+    let manifests = if c.one_set {
+        one_set_manifest(n, client)
+    } else {
+        policy_manifests(n, client)
+    };
+    std::fs::write(&f, manifests)?;
     let t0 = std::time::Instant::now();
     let (st, out, err) = c.d.ctl(&[
         "apply",
@@ -574,7 +634,8 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
     // The orchestration stays off CPU 0, where clients and servers run.
     load::pin_to_cpu(1);
     eprintln!(
-        "datapath: bare vs iptables vs bpf, rules {:?} (+{:?} bpf only), {} round(s), RR {} ms on {} connections, CRR {} ms, stream {} s",
+        "datapath: {}, rules {:?} (+{:?} bpf only), {} round(s), RR {} ms on {} connections, CRR {} ms, stream {} s",
+        plan.configs.join(" vs "),
         plan.rules,
         plan.bpf_only_rules,
         plan.rounds,
@@ -585,55 +646,88 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
     );
     let t0 = std::time::Instant::now();
     let start = |what: &str| eprintln!("[{:>5.1}s] starting {what}", t0.elapsed().as_secs_f64());
-    start("bare cluster");
-    let bare = Deployment::bare(2);
-    start("bare cluster with the kernel's VXLAN");
-    let bare_vxlan = Deployment::bare(2);
-    vxlan(&bare_vxlan).context("bare-vxlan: set up the kernel's VXLAN")?;
-    start("iptables cluster");
-    let ipt = Deployment::start_with_dataplane("iptables", "Never", 2);
-    short_conntrack_time_wait(&ipt);
-    start("bpf cluster (Never)");
-    let bpf = Deployment::start("Never", 2);
-    start("bpf cluster (IP-in-IP Always)");
-    let ipip = Deployment::start("Always", 2);
-    let mut configs = [
-        Config {
-            name: "bare",
-            d: bare,
-            takes_rules: false,
-            bpf: false,
-            same_node: true,
-        },
-        Config {
-            name: "bare-vxlan",
-            d: bare_vxlan,
-            takes_rules: false,
-            bpf: false,
-            same_node: false,
-        },
-        Config {
-            name: "iptables",
-            d: ipt,
-            takes_rules: true,
-            bpf: false,
-            same_node: true,
-        },
-        Config {
-            name: "bpf",
-            d: bpf,
-            takes_rules: true,
-            bpf: true,
-            same_node: true,
-        },
-        Config {
-            name: "bpf-ipip",
-            d: ipip,
-            takes_rules: true,
-            bpf: true,
-            same_node: false,
-        },
+    // (name, what it is, takes rules, BPF, same node, one set, memory figures)
+    type Shape = (&'static str, &'static str, bool, bool, bool, bool, bool);
+    let shapes: [Shape; 7] = [
+        ("bare", "bare cluster", false, false, true, false, false),
+        (
+            "bare-vxlan",
+            "bare cluster with the kernel's VXLAN",
+            false,
+            false,
+            false,
+            false,
+            false,
+        ),
+        (
+            "iptables",
+            "iptables cluster (nft)",
+            true,
+            false,
+            true,
+            false,
+            true,
+        ),
+        (
+            "iptables-legacy",
+            "iptables cluster (legacy)",
+            true,
+            false,
+            true,
+            false,
+            false,
+        ),
+        (
+            "ipset",
+            "iptables cluster (nft) for the one-ipset policy",
+            true,
+            false,
+            true,
+            true,
+            false,
+        ),
+        ("bpf", "bpf cluster (Never)", true, true, true, false, true),
+        (
+            "bpf-ipip",
+            "bpf cluster (IP-in-IP Always)",
+            true,
+            true,
+            false,
+            false,
+            false,
+        ),
     ];
+    let mut configs = Vec::new();
+    for (name, what, takes_rules, bpf, same_node, one_set, memory) in shapes {
+        if !plan.runs(name) {
+            continue;
+        }
+        start(what);
+        let d = match name {
+            "bare" => Deployment::bare(2),
+            "bare-vxlan" => {
+                let d = Deployment::bare(2);
+                vxlan(&d).context("bare-vxlan: set up the kernel's VXLAN")?;
+                d
+            }
+            "iptables" | "ipset" => Deployment::start_with_dataplane("iptables", "Never", 2),
+            "iptables-legacy" => Deployment::start_with_dataplane("iptables-legacy", "Never", 2),
+            "bpf" => Deployment::start("Never", 2),
+            _ => Deployment::start("Always", 2),
+        };
+        if !bpf && takes_rules {
+            short_conntrack_time_wait(&d);
+        }
+        configs.push(Config {
+            name,
+            d,
+            takes_rules,
+            bpf,
+            same_node,
+            one_set,
+            memory,
+        });
+    }
     let mut samples = Samples::default();
     let counts: Vec<(usize, bool)> = plan
         .rules
@@ -696,7 +790,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
                     // pods 0 and 1 are on node-1, pod 2 on node-2 (same subnet).
                     let (client, server) = (&c.d.pods[0], &c.d.pods[1 + pi]);
                     eprintln!(
-                        "[{:>5.1}s] rules {n:>6} round {}/{} {:<9} {path}",
+                        "[{:>5.1}s] rules {n:>6} round {}/{} {:<15} {path}",
                         t0.elapsed().as_secs_f64(),
                         round + 1,
                         plan.rounds,
@@ -726,11 +820,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Samples> {
     // went on to the BPF-only counts is brought back to it first.
     // BPF first: an iptables agent still busy with the endpoints would slow the other.
     let mem_rules = plan.rules.iter().copied().max().unwrap_or(0);
-    for c in configs
-        .iter_mut()
-        .rev()
-        .filter(|c| c.takes_rules && c.same_node)
-    {
+    for c in configs.iter_mut().rev().filter(|c| c.memory) {
         let in_force = counts
             .iter()
             .rev()

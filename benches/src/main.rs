@@ -30,7 +30,9 @@ enum Bench {
 #[command(after_help = "Examples:
   dataplane-benches --quick
   dataplane-benches --only datapath --datapath-rounds 2 --datapath-rules 0,1000
-  dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000")]
+  dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000
+  dataplane-benches --only datapath --datapath-rounds 3 --datapath-rules 0,10000 \\
+    --datapath-configs bare,iptables,iptables-legacy,ipset,bpf --datapath-endpoints 0")]
 struct Args {
     /// A reduced run for CI smoke checks (fewer samples; checks that figures are produced,
     /// not their values).
@@ -63,6 +65,10 @@ struct Args {
     /// largest rule count of --datapath-rules (default 1000, or 20 with --quick).
     #[arg(long)]
     datapath_endpoints: Option<usize>,
+    /// Configurations of the datapath comparison (default: all of bare, bare-vxlan,
+    /// iptables, iptables-legacy, ipset, bpf, bpf-ipip).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(datapath::CONFIGS))]
+    datapath_configs: Option<Vec<String>>,
 }
 
 fn write_report(name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -108,6 +114,9 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(e) = args.datapath_endpoints {
             plan.endpoints = e;
+        }
+        if let Some(c) = &args.datapath_configs {
+            plan.configs.clone_from(c);
         }
         if let Some(r) = &args.datapath_rules {
             plan.bpf_only_rules.retain(|n| !r.contains(n));

@@ -23,11 +23,15 @@ pub const METRICS: [(&str, &str, bool); 10] = [
     ("stream_cpu_s_per_gb", "CPU s/GB", false),
 ];
 
-/// The ratios the report gives: (numerator, denominator, paths).
-const PAIRS: [(&str, &str); 5] = [
+/// The ratios the report gives: (numerator, denominator).
+const PAIRS: [(&str, &str); 9] = [
     ("bpf", "iptables"),
+    ("bpf", "iptables-legacy"),
+    ("bpf", "ipset"),
     ("bpf", "bare"),
     ("iptables", "bare"),
+    ("iptables-legacy", "bare"),
+    ("ipset", "bare"),
     ("bpf-ipip", "bpf"),
     ("bpf-ipip", "bare-vxlan"),
 ];
@@ -232,7 +236,7 @@ pub fn build(plan: &Plan, s: &Samples, dir: &Path) -> Report {
                     ratios.extend(ratio(num, den, path, metric, n, n));
                 }
                 if n > 0 {
-                    for c in ["bpf", "iptables", "bpf-ipip"] {
+                    for c in ["bpf", "iptables", "iptables-legacy", "ipset", "bpf-ipip"] {
                         ratios.extend(ratio(c, c, path, metric, n, 0));
                     }
                 }
@@ -358,6 +362,56 @@ pub fn markdown(r: &Report) -> String {
                     fmt_ratio(find_ratio(r, "iptables", "bare", path, metric, n, n)),
                     fmt_ratio(find_ratio(r, "bpf", "bpf", path, metric, n, 0)),
                     fmt_ratio(find_ratio(r, "iptables", "iptables", path, metric, n, 0)),
+                )
+                .expect("write to a String");
+            }
+        }
+        m.push('\n');
+    }
+    writeln!(
+        m,
+        "## iptables backends and one ipset\n\n`iptables` is iptables-nft, `iptables-legacy` the same rules through x_tables; both get the N rules, rendered as Felix renders them (per rule: its match sets the accept mark bit, then a RETURN on the bit). `ipset` is iptables-nft with the N peers folded into one rule whose source is one `hash:net` ipset of N members (then the allow of the client): what a hand-tuned iptables policy costs. bpf always has the N separate rules.\n"
+    )
+    .expect("write to a String");
+    for path in ["same-node", "cross-node"] {
+        writeln!(
+            m,
+            "### {path}\n\n| metric | rules | iptables | iptables-legacy | ipset | bpf | bpf/iptables | bpf/iptables-legacy | bpf/ipset | iptables-legacy/bare | ipset/bare | iptables-legacy N/0 | ipset N/0 |\n|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|---|"
+        )
+        .expect("write to a String");
+        for (metric, unit, _) in METRICS {
+            for &n in &rules {
+                let v = |c: &str| {
+                    find(r, c, path, metric, n).map_or("–".into(), |x| fmt_value(x.median))
+                };
+                if ["iptables-legacy", "ipset"]
+                    .iter()
+                    .all(|c| find(r, c, path, metric, n).is_none())
+                {
+                    continue;
+                }
+                writeln!(
+                    m,
+                    "| {metric} ({unit}) | {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    v("iptables"),
+                    v("iptables-legacy"),
+                    v("ipset"),
+                    v("bpf"),
+                    fmt_ratio(find_ratio(r, "bpf", "iptables", path, metric, n, n)),
+                    fmt_ratio(find_ratio(r, "bpf", "iptables-legacy", path, metric, n, n)),
+                    fmt_ratio(find_ratio(r, "bpf", "ipset", path, metric, n, n)),
+                    fmt_ratio(find_ratio(r, "iptables-legacy", "bare", path, metric, n, n)),
+                    fmt_ratio(find_ratio(r, "ipset", "bare", path, metric, n, n)),
+                    fmt_ratio(find_ratio(
+                        r,
+                        "iptables-legacy",
+                        "iptables-legacy",
+                        path,
+                        metric,
+                        n,
+                        0
+                    )),
+                    fmt_ratio(find_ratio(r, "ipset", "ipset", path, metric, n, 0)),
                 )
                 .expect("write to a String");
             }
@@ -496,11 +550,14 @@ pub fn svg(r: &Report) -> String {
         ("bare", "#555555"),
         ("bare-vxlan", "#9467bd"),
         ("iptables", "#d62728"),
+        ("iptables-legacy", "#ff7f0e"),
+        ("ipset", "#8c564b"),
         ("bpf", "#1f77b4"),
         ("bpf-ipip", "#2ca02c"),
     ];
     let (pw, ph, ml, mt, mb, mr) = (420.0, 260.0, 70.0, 40.0, 40.0, 20.0);
     let cols = 2;
+    // The legend of 7 names wants about 840 px: two panels across.
     let rows = panels.len().div_ceil(cols);
     let (w, h) = (cols as f64 * pw, rows as f64 * ph + 40.0);
     let mut s = String::new();
@@ -510,7 +567,7 @@ pub fn svg(r: &Report) -> String {
     ).expect("write to a String");
     writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#).expect("write to a String");
     for (i, (name, colour)) in colours.iter().enumerate() {
-        let x = 20.0 + i as f64 * 110.0;
+        let x = 20.0 + i as f64 * 120.0;
         writeln!(
             s,
             r#"<line x1="{x}" y1="20" x2="{}" y2="20" stroke="{colour}" stroke-width="2"/><text x="{}" y="24">{name}</text>"#,
@@ -618,15 +675,21 @@ pub fn check_complete(plan: &Plan, r: &Report) -> anyhow::Result<()> {
         .map(|&n| (n, false))
         .chain(plan.bpf_only_rules.iter().map(|&n| (n, true)))
         .collect();
+    let both = &["same-node", "cross-node"][..];
     for (config, paths, takes) in [
-        ("bare", &["same-node", "cross-node"][..], false),
+        ("bare", both, false),
         ("bare-vxlan", &["cross-node"][..], false),
-        ("iptables", &["same-node", "cross-node"][..], true),
-        ("bpf", &["same-node", "cross-node"][..], true),
+        ("iptables", both, true),
+        ("iptables-legacy", both, true),
+        ("ipset", both, true),
+        ("bpf", both, true),
         ("bpf-ipip", &["cross-node"][..], true),
     ] {
+        if !plan.runs(config) {
+            continue;
+        }
         for &(n, bpf_only) in &all {
-            if bpf_only && config == "iptables" {
+            if bpf_only && takes && !config.starts_with("bpf") {
                 continue;
             }
             for path in paths {
@@ -651,10 +714,10 @@ pub fn check_complete(plan: &Plan, r: &Report) -> anyhow::Result<()> {
     // agent did not settle within its cap).
     let mem_rules = plan.rules.iter().copied().max().unwrap_or(0);
     for config in ["bpf", "iptables"] {
-        if !r
-            .endpoints_memory
-            .iter()
-            .any(|e| e.config == config && e.rules == mem_rules && e.endpoints == plan.endpoints)
+        if plan.runs(config)
+            && !r.endpoints_memory.iter().any(|e| {
+                e.config == config && e.rules == mem_rules && e.endpoints == plan.endpoints
+            })
         {
             missing.push(format!(
                 "{config}: memory at {} endpoints and {mem_rules} rules",
@@ -690,10 +753,12 @@ mod tests {
     /// Samples with every figure `plan` asks for, from every configuration.
     fn full(plan: &Plan) -> Samples {
         let mut s = Samples::default();
-        let configs: [(&str, &[&str], bool); 5] = [
+        let configs: [(&str, &[&str], bool); 7] = [
             ("bare", &["same-node", "cross-node"], false),
             ("bare-vxlan", &["cross-node"], false),
             ("iptables", &["same-node", "cross-node"], false),
+            ("iptables-legacy", &["same-node", "cross-node"], false),
+            ("ipset", &["same-node", "cross-node"], false),
             ("bpf", &["same-node", "cross-node"], true),
             ("bpf-ipip", &["cross-node"], true),
         ];
@@ -704,7 +769,7 @@ mod tests {
             .chain(plan.bpf_only_rules.iter().map(|&n| (n, true)));
         for (n, bpf_only) in counts {
             for (config, paths, bpf) in configs {
-                if bpf_only && config == "iptables" {
+                if bpf_only && (config.starts_with("ip")) {
                     continue;
                 }
                 for path in paths {
@@ -771,6 +836,18 @@ mod tests {
                 .is_some_and(|x| (x.median - 2.0).abs() < 1e-9)
             );
             assert!(!r.not_measured.iter().any(|x| x.contains("VXLAN")));
+            // The legacy backend and the one-ipset policy have their columns and ratios.
+            assert!(md.contains("## iptables backends and one ipset"), "{md}");
+            for den in ["iptables-legacy", "ipset"] {
+                assert!(
+                    find_ratio(&r, "bpf", den, "same-node", "crr_per_s", 0, 0).is_some_and(|x| (x
+                        .median
+                        - 2.0)
+                        .abs()
+                        < 1e-9),
+                    "bpf/{den}"
+                );
+            }
             // An agent that did not settle is a figure, not a gap.
             assert!(md.contains("not settled after 120000"), "{md}");
 
@@ -785,6 +862,18 @@ mod tests {
                 err.contains("bare-vxlan cross-node rr_per_s rules 0"),
                 "{err}"
             );
+
+            // A run of some configurations is judged on those only.
+            let mut some = plan.clone();
+            some.configs = vec!["bare".into(), "ipset".into(), "bpf".into()];
+            let mut s = full(&some);
+            s.data.retain(|k, _| some.configs.contains(&k.0));
+            check_complete(&some, &build(&some, &s, dir.path())).unwrap();
+            s.data.retain(|k, _| k.0 != "ipset" || k.3 != 0);
+            let err = check_complete(&some, &build(&some, &s, dir.path()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ipset same-node rr_per_s rules 0"), "{err}");
         }
     }
 }

@@ -273,36 +273,93 @@ fn term_matches(t: &Term, dir: &str, key: &str, sets: &mut Sets) -> Vec<String> 
         .collect()
 }
 
-/// The chain of one endpoint direction's rule list, with its name. An allowed packet leaves
-/// with ACCEPT (ingress: nothing follows the pod's own policy) or RETURN (egress: back to
-/// `cali-FORWARD`, where the destination's ingress policy still applies); a denied one, or
-/// one no rule matches, is dropped here: the endpoint chain reaches this chain with a goto,
-/// so the chain's end is the endpoint's end.
-fn policy_chain(rules: &[CompiledRule], ingress: bool, sets: &mut Sets) -> (String, Vec<String>) {
-    let (dir, allow) = if ingress {
-        ("src", "ACCEPT")
-    } else {
-        ("dst", "RETURN")
-    };
-    let mut lines = Vec::new();
+/// The mark bit a policy chain sets when one of its rules allows the packet (Felix's default
+/// accept bit).
+pub const MARK_ACCEPT: &str = "0x10000";
+/// The mark bit of a `Pass` (Felix's pass bit): the endpoint chain stops calling policies.
+pub const MARK_PASS: &str = "0x20000";
+/// Both bits.
+const MARKS: &str = "0x30000";
+
+/// The policy a rule comes from: its origin without the ` <direction> #<n>` tail.
+fn policy_of(origin: &str) -> &str {
+    origin
+        .rsplit_once(" #")
+        .and_then(|(head, _)| head.rsplit_once(' '))
+        .map_or(origin, |(name, _)| name)
+}
+
+/// The chains of one endpoint direction's rule list, one per policy in evaluation order, as
+/// Felix renders a policy: an allowing rule's match sets the accept mark bit, and the next
+/// line returns to the endpoint chain when the bit is set (so a packet that matches no rule
+/// pays two rules per allowing rule); a denying rule drops. A trailing return is left out,
+/// as Felix leaves it (falling off the end returns). Rules that come as `Pass` were resolved
+/// to allows (the profile allows what passes), so they set the accept bit. Each chain is
+/// named after its direction and contents: endpoints whose policy resolves the same share it.
+fn policy_chains(
+    rules: &[CompiledRule],
+    ingress: bool,
+    sets: &mut Sets,
+) -> Vec<(String, Vec<String>)> {
+    let dir = if ingress { "src" } else { "dst" };
+    let mut groups: Vec<(&str, Vec<String>)> = Vec::new();
     for r in rules {
-        let target = if r.action == verdict::ALLOW {
-            allow
-        } else {
-            "DROP"
+        let policy = policy_of(&r.origin);
+        if groups.last().is_none_or(|(p, _)| *p != policy) {
+            groups.push((policy, Vec::new()));
+        }
+        let Some((_, lines)) = groups.last_mut() else {
+            continue;
         };
+        let allow = r.action == verdict::ALLOW;
+        let target = if allow {
+            format!("-j MARK --set-xmark {MARK_ACCEPT}/{MARK_ACCEPT}")
+        } else {
+            "-j DROP".to_owned()
+        };
+        let before = lines.len();
         for (ti, t) in r.terms.iter().enumerate() {
             for m in term_matches(t, dir, &format!("{}\0{ti}", r.origin), sets) {
-                lines.push(join(&[&m, &format!("-j {target}")]));
+                lines.push(join(&[&m, &target]));
             }
         }
+        if allow && lines.len() > before {
+            lines.push(format!(
+                "-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT} -j RETURN"
+            ));
+        }
     }
-    lines.push("-j DROP".to_owned());
-    let name = format!(
-        "{POLICY_PREFIX}{}",
-        short_hash(&format!("{dir}\n{}", lines.join("\n")))
-    );
-    (name, lines)
+    groups
+        .into_iter()
+        .map(|(_, mut lines)| {
+            if lines.last().is_some_and(|l| l.ends_with("-j RETURN")) {
+                lines.pop();
+            }
+            let name = format!(
+                "{POLICY_PREFIX}{}",
+                short_hash(&format!("{dir}\n{}", lines.join("\n")))
+            );
+            (name, lines)
+        })
+        .collect()
+}
+
+/// The policy part of an endpoint chain, as Felix writes it: the accept and pass bits
+/// cleared, each policy chain called in order while no pass bit is set, a return (`leave`:
+/// ACCEPT for ingress, RETURN for egress) as soon as one set the accept bit; then a drop
+/// when no policy passed the packet, and `leave` for a packet that was passed on (the
+/// namespace profile allows).
+fn call_policies(chains: &[String], leave: &str) -> Vec<String> {
+    let mut rules = vec![format!("-j MARK --set-xmark 0x0/{MARKS}")];
+    for c in chains {
+        rules.push(format!("-m mark --mark 0x0/{MARK_PASS} -j {c}"));
+        rules.push(format!(
+            "-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT} -j {leave}"
+        ));
+    }
+    rules.push(format!("-m mark --mark 0x0/{MARK_PASS} -j DROP"));
+    rules.push(format!("-j {leave}"));
+    rules
 }
 
 const CT_RULES: [&str; 2] = [
@@ -323,17 +380,18 @@ const CT_RULES: [&str; 2] = [
 /// - The dispatch chains go to `cali-fw-<iface>` / `cali-tw-<iface>` by interface and drop
 ///   packets of an interface no endpoint owns (the BPF mode drops those too).
 /// - `cali-fw-<iface>` (from workload: egress): anti-spoofing first, then conntrack
-///   (established and related accepted, invalid dropped), then a goto to the policy chain;
-///   with no egress policy the packet returns to `cali-FORWARD`, allowed.
-/// - `cali-tw-<iface>` (to workload: ingress): conntrack, the node's address, then a goto
-///   to the policy chain; with no ingress policy, ACCEPT.
-/// - `cali-pi-<hash>`: one chain per distinct rule list and direction, shared by every
-///   endpoint whose list is the same. Calico has one chain per policy and jumps through an
-///   endpoint's policies in order, with marks to carry "allowed" out; our rule list is
-///   already the concatenation of the endpoint's policies in evaluation order (`resolve`), so
-///   one chain per list gives the same first-match result with one goto and no marks, and
-///   endpoints selected by the same policies share it as Calico's endpoints share a policy
-///   chain.
+///   (established and related accepted, invalid dropped), then the policies as Felix calls
+///   them ([`call_policies`]: mark bits cleared, each policy chain called in order, RETURN to
+///   `cali-FORWARD` once one set the accept bit, DROP when none allowed or passed); with no
+///   egress policy the packet returns to `cali-FORWARD`, allowed.
+/// - `cali-tw-<iface>` (to workload: ingress): conntrack, the node's address, then the
+///   policies likewise, leaving with ACCEPT (Felix returns and accepts on the mark in
+///   `cali-FORWARD`: the same verdict one rule sooner); with no ingress policy, ACCEPT.
+/// - `cali-pi-<hash>`: one chain per policy and direction ([`policy_chains`]), shared by
+///   every endpoint for which that policy resolves to the same rules, as Calico's endpoints
+///   share a policy chain. The rules cost what Felix's cost: an allowing rule is two
+///   iptables rules (match → set the accept bit; bit set → RETURN), which a packet that
+///   matches neither pays both of.
 pub fn render(endpoints: &[LocalEndpoint], node_ip: Option<Ipv4Addr>) -> Rendered {
     let mut sets = Sets::default();
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -367,9 +425,12 @@ pub fn render(endpoints: &[LocalEndpoint], node_ip: Option<Ipv4Addr>) -> Rendere
         let [ingress, egress] = &ep.rules;
         let mut policy = |rules: &Option<std::sync::Arc<Vec<CompiledRule>>>, ingress: bool| {
             rules.as_ref().map(|r| {
-                let (name, lines) = policy_chain(r, ingress, &mut sets);
-                chains.insert(name.clone(), lines);
-                name
+                let mut names = Vec::new();
+                for (name, lines) in policy_chains(r, ingress, &mut sets) {
+                    chains.insert(name.clone(), lines);
+                    names.push(name);
+                }
+                names
             })
         };
         let to_policy = policy(ingress, true);
@@ -379,7 +440,7 @@ pub fn render(endpoints: &[LocalEndpoint], node_ip: Option<Ipv4Addr>) -> Rendere
         let mut rules = vec![format!("! -s {}/32 -j DROP", ep.ip)];
         rules.extend(CT_RULES.map(str::to_owned));
         if let Some(p) = from_policy {
-            rules.push(format!("-g {p}"));
+            rules.extend(call_policies(&p, "RETURN"));
         }
         chains.insert(fw.clone(), rules);
 
@@ -390,7 +451,7 @@ pub fn render(endpoints: &[LocalEndpoint], node_ip: Option<Ipv4Addr>) -> Rendere
                 if let Some(n) = node_ip {
                     rules.push(format!("-s {n}/32 -j ACCEPT"));
                 }
-                rules.push(format!("-g {p}"));
+                rules.extend(call_policies(&p, "ACCEPT"));
             }
             None => rules.push("-j ACCEPT".to_owned()),
         }
@@ -645,7 +706,7 @@ mod tests {
             .keys()
             .filter(|k| k.starts_with(POLICY_PREFIX))
             .collect();
-        assert_eq!(pi.len(), 1, "one chain for the shared rule list");
+        assert_eq!(pi.len(), 1, "one chain for the shared policy");
         let pi = pi[0].clone();
         assert_eq!(
             r.chains["cali-tw-calia"],
@@ -653,7 +714,11 @@ mod tests {
                 CT_RULES[0].to_owned(),
                 CT_RULES[1].to_owned(),
                 "-s 192.168.1.10/32 -j ACCEPT".to_owned(),
-                format!("-g {pi}"),
+                "-j MARK --set-xmark 0x0/0x30000".to_owned(),
+                format!("-m mark --mark 0x0/0x20000 -j {pi}"),
+                "-m mark --mark 0x10000/0x10000 -j ACCEPT".to_owned(),
+                "-m mark --mark 0x0/0x20000 -j DROP".to_owned(),
+                "-j ACCEPT".to_owned(),
             ]
         );
         assert_eq!(r.chains["cali-tw-calic"].last().unwrap(), "-j ACCEPT");
@@ -666,12 +731,12 @@ mod tests {
             ]
         );
         let set = r.sets.keys().next().unwrap();
+        // The only rule: its RETURN on the mark is the chain's end, left out as Felix does.
         assert_eq!(
             r.chains[&pi],
-            vec![
-                format!("-p tcp -m set --match-set {set} src -m multiport --dports 80 -j ACCEPT"),
-                "-j DROP".to_owned(),
-            ]
+            vec![format!(
+                "-p tcp -m set --match-set {set} src -m multiport --dports 80 -j MARK --set-xmark 0x10000/0x10000"
+            )]
         );
         assert_eq!(
             r.chains[TO_WL_DISPATCH],
@@ -728,7 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn deny_rules_drop_and_egress_allows_return() {
+    fn one_chain_per_policy_allows_mark_and_return_denies_drop() {
         let rules = vec![
             rule(
                 verdict::DENY,
@@ -738,10 +803,52 @@ mod tests {
                     ..Term::any()
                 }],
             ),
-            rule(verdict::ALLOW, "p egress #1", vec![Term::any()]),
+            rule(
+                verdict::ALLOW,
+                "p egress #1",
+                vec![Term {
+                    proto: ProtoMatch::Is(6),
+                    ..Term::any()
+                }],
+            ),
+            rule(verdict::ALLOW, "p egress #2", vec![Term::any()]),
+            rule(verdict::ALLOW, "ns/q egress #0", vec![Term::any()]),
         ];
-        let (_, lines) = policy_chain(&rules, false, &mut Sets::default());
-        assert_eq!(lines, vec!["-p udp -j DROP", "-j RETURN", "-j DROP"]);
+        let chains = policy_chains(&rules, false, &mut Sets::default());
+        assert_eq!(chains.len(), 2, "{chains:?}");
+        let accept = "-j MARK --set-xmark 0x10000/0x10000";
+        assert_eq!(
+            chains[0].1,
+            vec![
+                "-p udp -j DROP".to_owned(),
+                format!("-p tcp {accept}"),
+                "-m mark --mark 0x10000/0x10000 -j RETURN".to_owned(),
+                accept.to_owned(),
+            ]
+        );
+        assert_eq!(chains[1].1, vec![accept.to_owned()]);
+        assert_ne!(chains[0].0, chains[1].0);
+        assert_eq!(
+            policy_of("ns/knp.default.web ingress #12"),
+            "ns/knp.default.web"
+        );
+        assert_eq!(policy_of("odd"), "odd");
+
+        // An egress endpoint chain calls both in order and returns once one allowed.
+        let names: Vec<String> = chains.into_iter().map(|c| c.0).collect();
+        let calls = call_policies(&names, "RETURN");
+        assert_eq!(
+            calls,
+            vec![
+                "-j MARK --set-xmark 0x0/0x30000".to_owned(),
+                format!("-m mark --mark 0x0/0x20000 -j {}", names[0]),
+                "-m mark --mark 0x10000/0x10000 -j RETURN".to_owned(),
+                format!("-m mark --mark 0x0/0x20000 -j {}", names[1]),
+                "-m mark --mark 0x10000/0x10000 -j RETURN".to_owned(),
+                "-m mark --mark 0x0/0x20000 -j DROP".to_owned(),
+                "-j RETURN".to_owned(),
+            ]
+        );
     }
 
     #[test]
