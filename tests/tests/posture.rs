@@ -4,11 +4,14 @@
 //!   everything with no policy selecting it (Kubernetes semantics, as Calico without host
 //!   endpoints), nothing under a default-deny egress policy (dropped by our program and
 //!   counted as a policy drop), exactly the one allowed port under an egress allow;
+//! - a pod forging the address of another pod or of a node, or sending IP-in-IP to a node
+//!   with a forged inner source: dropped and counted (the baseline from its own address
+//!   gets through);
 //! - the agent's HTTP endpoints: no method but GET (and HEAD) is served on any path, unknown
 //!   paths are 404, nothing there changes state, malformed and oversized requests are refused
 //!   without hurting the agent, and the listeners bind only where configured (or nowhere).
 //!
-//! Forged source addresses and IP-in-IP from non-nodes are in `forwarding.rs`.
+//! A forged source outside the pools and IP-in-IP from etcd's host are in `forwarding.rs`.
 
 use std::{
     collections::BTreeSet,
@@ -145,7 +148,11 @@ fn send_ipip(ns: &Netns, to: Ipv4Addr, inner: &[u8], n: usize) {
         // SAFETY: plain socket syscalls on a descriptor this closure owns and closes.
         unsafe {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
-            assert!(fd >= 0, "raw IPIP socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "raw IPIP socket: {}",
+                std::io::Error::last_os_error()
+            );
             let addr = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
@@ -260,7 +267,11 @@ fn root_a_pod_reaches_node_management_ports_only_as_its_egress_policy_allows() {
     let open = survey(probe, &targets);
     eprintln!("no policy selects the pod:\n{}", table(&open));
     for (name, r) in &open {
-        assert!(matches!(r, Reach::Open(_)), "{name}: {r:?}\n{}", table(&open));
+        assert!(
+            matches!(r, Reach::Open(_)),
+            "{name}: {r:?}\n{}",
+            table(&open)
+        );
     }
 
     // A pod is a host that is not a node too: IP-in-IP it sends to another node (its
@@ -276,6 +287,31 @@ fn root_a_pod_reaches_node_management_ports_only_as_its_egress_policy_allows() {
     inbox
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
+    // From its own address a datagram gets there (so the drops below are not for nothing).
+    let send_from = |src: Ipv4Addr, n: usize| {
+        probe.sb.ns.run(|| {
+            let s = std::net::UdpSocket::bind((src, 0)).unwrap();
+            for _ in 0..n {
+                s.send_to(b"x", (target.ip, 53)).unwrap();
+            }
+        });
+    };
+    send_from(probe.ip, 1);
+    assert!(inbox.recv(&mut [0u8; 64]).is_ok(), "baseline datagram");
+    // Sent from another pod's address, its own node's or another node's (addresses a policy
+    // may trust): dropped on its veth and counted, whatever the destination would allow.
+    for forged in [bystander.ip, own.ip, other.ip] {
+        let cidr = format!("{forged}/32");
+        probe.sb.ns.ip(&["addr", "add", &cidr, "dev", "eth0"]);
+        let before = node_counter(&d, 0, hook::FROM_WORKLOAD, counter::DROP_SPOOFED_SOURCE);
+        send_from(forged, 3);
+        let delivered = inbox.recv(&mut [0u8; 64]).is_ok();
+        let after = node_counter(&d, 0, hook::FROM_WORKLOAD, counter::DROP_SPOOFED_SOURCE);
+        probe.sb.ns.ip(&["addr", "del", &cidr, "dev", "eth0"]);
+        assert!(!delivered, "a datagram from forged {forged} was delivered");
+        assert_eq!(after, before + 3, "forged {forged}: spoofed drops counted");
+    }
+
     let before = node_counter(&d, 1, hook::HOST_INGRESS, counter::DROP_UNKNOWN_IPIP_PEER);
     let inner = dataplane_tests::packets::udp_frame(Ipv4Addr::new(10, 65, 77, 1), target.ip, b"x")
         [14..]
@@ -390,7 +426,10 @@ fn state_metrics(ns: &Netns, ip: Ipv4Addr) -> BTreeSet<String> {
         .filter(|l| !l.contains("conntrack"))
         .map(str::to_owned)
         .collect();
-    assert!(set.iter().any(|l| l.starts_with("dataplane_ready")), "{body}");
+    assert!(
+        set.iter().any(|l| l.starts_with("dataplane_ready")),
+        "{body}"
+    );
     set
 }
 
@@ -447,7 +486,10 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
     let state = state_metrics(from, node.ip);
     let tables = maps(node, &pins);
 
-    let served = [(health, ["/liveness", "/readiness"]), (metrics, ["/metrics", "/metrics"])];
+    let served = [
+        (health, ["/liveness", "/readiness"]),
+        (metrics, ["/metrics", "/metrics"]),
+    ];
     let bodies = [
         "",
         "{\"ready\": false}",
@@ -503,10 +545,15 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
         "b".repeat(8 << 20),
         n = 8 << 20
     );
-    let long_path = format!("GET /{} HTTP/1.1\r\nHost: node\r\n\r\n", "p".repeat(200_000));
+    let long_path = format!(
+        "GET /{} HTTP/1.1\r\nHost: node\r\n\r\n",
+        "p".repeat(200_000)
+    );
     let many_headers = format!(
         "GET /readiness HTTP/1.1\r\n{}\r\n",
-        (0..500).map(|i| format!("X-{i}: {i}\r\n")).collect::<String>()
+        (0..500)
+            .map(|i| format!("X-{i}: {i}\r\n"))
+            .collect::<String>()
     );
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00".to_vec()),
@@ -559,9 +606,16 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
     assert!(agent.process.exited().is_none(), "{}", agent.log_text());
     assert_eq!(request(from, health, "GET", "/liveness", ""), Some(200));
     assert_eq!(request(from, health, "GET", "/readiness", ""), Some(200));
-    assert_eq!(state_metrics(from, node.ip), state, "the agent's state moved");
+    assert_eq!(
+        state_metrics(from, node.ip),
+        state,
+        "the agent's state moved"
+    );
     assert_eq!(maps(node, &pins), tables, "the maps moved");
-    eprintln!("{tried} requests with other methods or paths, {} malformed", bad.len() * 2);
+    eprintln!(
+        "{tried} requests with other methods or paths, {} malformed",
+        bad.len() * 2
+    );
 }
 
 /// The TCP sockets listening in the namespace of process `pid`.
@@ -610,7 +664,10 @@ fn root_the_agents_listeners_bind_only_where_configured() {
         assert_eq!(reach(&node.ns, (node.ip, h).into()), Reach::Refused);
         assert_eq!(reach(from, (node.ip, h).into()), Reach::Refused);
         // Metrics on the node's address only: not on loopback.
-        assert_eq!(reach(&node.ns, (Ipv4Addr::LOCALHOST, m).into()), Reach::Refused);
+        assert_eq!(
+            reach(&node.ns, (Ipv4Addr::LOCALHOST, m).into()),
+            Reach::Refused
+        );
         assert!(matches!(reach(from, metrics_node), Reach::Open(_)));
         // Nor on the default ports.
         assert_eq!(reach(&node.ns, (node.ip, HEALTH).into()), Reach::Refused);
@@ -635,7 +692,10 @@ fn root_the_agents_listeners_bind_only_where_configured() {
         agent.log_text()
     );
     for port in [HEALTH, METRICS, h, m] {
-        assert_eq!(reach(&node.ns, (Ipv4Addr::LOCALHOST, port).into()), Reach::Refused);
+        assert_eq!(
+            reach(&node.ns, (Ipv4Addr::LOCALHOST, port).into()),
+            Reach::Refused
+        );
         assert_eq!(reach(from, (node.ip, port).into()), Reach::Refused);
     }
 }
