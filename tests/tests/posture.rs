@@ -476,7 +476,12 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
     let cluster = Cluster::new(&[1], true);
     let node = &cluster.nodes[0];
     let pins = PinDirGuard::new();
-    let mut agent = Agent::start(node, &pins, cluster.etcd.as_ref(), &[]);
+    let mut agent = Agent::start(
+        node,
+        &pins,
+        cluster.etcd.as_ref(),
+        &["--cni-metrics-socket", "off"],
+    );
     wait_attached(&node.ns, "eth0", &mut agent, Duration::from_secs(20));
     // Asked from a host on the fabric that is not a node (the router), over the node's address.
     let from = &cluster.router.ns;
@@ -511,6 +516,8 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
             }
             let get = request(from, listener, "GET", path, "");
             assert_eq!(get, Some(if want == 405 { 200 } else { 404 }), "GET {path}");
+            let head = request(from, listener, "HEAD", path, "");
+            assert_eq!(head, get, "HEAD {listener}{path}");
         }
         // Unknown paths, whatever the method.
         for path in [
@@ -591,16 +598,68 @@ fn root_the_agents_http_endpoints_change_nothing_and_survive_bad_requests() {
             assert!(agent.process.exited().is_none(), "the agent died of {what}");
         }
     }
-    // A hundred connections held open without a request do not starve the probes.
-    let idle: Vec<TcpStream> = from.run(|| {
-        (0..100)
+    // More connections than the listener serves at once, held open without a word: the
+    // agent holds no more than its cap of them, ends each after its lifetime, and a probe
+    // queued behind them is answered once the first ones end; its descriptors come back.
+    use dataplane::health::{CONNECTION_LIFETIME, MAX_CONNECTIONS};
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.process.pid()))
+            .unwrap()
+            .count()
+    };
+    let fds_before = fds();
+    let n_idle = MAX_CONNECTIONS + MAX_CONNECTIONS / 2;
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = from.run(|| {
+        (0..n_idle)
             .map(|_| TcpStream::connect_timeout(&health, Duration::from_secs(1)).unwrap())
             .collect()
     });
-    let t = Instant::now();
-    assert_eq!(request(from, health, "GET", "/readiness", ""), Some(200));
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    let fds_held = fds();
+    assert!(
+        fds_held <= fds_before + MAX_CONNECTIONS + 2,
+        "{n_idle} idle connections hold {} descriptors of the agent",
+        fds_held - fds_before
+    );
+    let probe = from.run(|| {
+        let mut s = TcpStream::connect_timeout(&health, Duration::from_secs(1)).unwrap();
+        s.set_read_timeout(Some(CONNECTION_LIFETIME * 3)).unwrap();
+        s.write_all(b"GET /readiness HTTP/1.0\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let _read = s.read_to_end(&mut got);
+        got
+    });
+    let waited = started.elapsed();
+    assert_eq!(status(&probe), Some(200), "the queued probe");
+    assert!(
+        waited < CONNECTION_LIFETIME + Duration::from_secs(3),
+        "the queued probe waited {waited:?}"
+    );
+    for s in &mut idle {
+        s.set_read_timeout(Some(CONNECTION_LIFETIME * 3)).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "an idle connection still open after {:?}: {other:?}",
+                started.elapsed()
+            ),
+        }
+    }
+    let all_closed = started.elapsed();
     drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let fds_after = fds();
+    assert!(
+        fds_after <= fds_before + 1,
+        "descriptors: {fds_before} before, {fds_held} held, {fds_after} after"
+    );
+    eprintln!(
+        "{n_idle} idle connections: agent descriptors {fds_before} → {fds_held} → {fds_after}; \
+         queued probe answered after {waited:?}, all closed by the agent after {all_closed:?}"
+    );
 
     // Nothing changed: alive, ready, the same state in the metrics and the maps.
     assert!(agent.process.exited().is_none(), "{}", agent.log_text());
@@ -643,14 +702,24 @@ fn root_the_agents_listeners_bind_only_where_configured() {
     let (h, m) = (19099, 19091);
     let health_lo: SocketAddr = (Ipv4Addr::LOCALHOST, h).into();
     let metrics_node: SocketAddr = (node.ip, m).into();
+    let dir = tempfile::tempdir().unwrap();
+    let cni_socket = dir.path().join("cni-metrics.sock");
     {
         let pins = PinDirGuard::new();
         let (hl, ml) = (health_lo.to_string(), metrics_node.to_string());
+        let cs = cni_socket.display().to_string();
         let mut agent = Agent::start(
             node,
             &pins,
             None,
-            &["--health-listen", &hl, "--metrics-listen", &ml],
+            &[
+                "--health-listen",
+                &hl,
+                "--metrics-listen",
+                &ml,
+                "--cni-metrics-socket",
+                &cs,
+            ],
         );
         wait_attached(&node.ns, "eth0", &mut agent, Duration::from_secs(20));
         wait_code(&node.ns, health_lo, "/readiness", 200, &mut agent);
@@ -672,6 +741,53 @@ fn root_the_agents_listeners_bind_only_where_configured() {
         // Nor on the default ports.
         assert_eq!(reach(&node.ns, (node.ip, HEALTH).into()), Reach::Refused);
         assert_eq!(reach(&node.ns, (node.ip, METRICS).into()), Reach::Refused);
+
+        // The CNI latency socket: root only, and what is not a record is dropped without
+        // a trace in the histogram; one record counts once.
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&cni_socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{cni_socket:?}");
+        let cni_counts = || -> Vec<String> {
+            let body = from.run(|| http_get(node.ip, m, "/metrics")).unwrap();
+            body.lines()
+                .filter(|l| l.starts_with("dataplane_cni_operation_duration_seconds_count"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(cni_counts(), Vec::<String>::new());
+        let padded = format!(
+            "{{\"command\":\"ADD\",\"code\":0,\"seconds\":0.5{}}}",
+            " ".repeat(600)
+        );
+        let junk: Vec<Vec<u8>> = vec![
+            b"not json".to_vec(),
+            (0..=255u8).collect(),
+            b"{\"command\":\"ADD\",\"code\":0,\"seconds\":-1}".to_vec(),
+            b"{\"command\":\"ADD\",\"code\":0,\"seconds\":1e300}".to_vec(),
+            b"{\"command\":\"ADD\",\"code\":-3,\"seconds\":0.5}".to_vec(),
+            b"{\"command\":\"ADD\"}".to_vec(),
+            padded.into_bytes(),
+            Vec::new(),
+        ];
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        for j in &junk {
+            tx.send_to(j, &cni_socket).unwrap();
+        }
+        tx.send_to(
+            b"{\"command\":\"DEL\",\"code\":0,\"seconds\":0.25}",
+            &cni_socket,
+        )
+        .unwrap();
+        let want = vec![
+            "dataplane_cni_operation_duration_seconds_count{command=\"DEL\",result=\"ok\"} 1"
+                .to_owned(),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cni_counts() != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(cni_counts(), want, "{} junk datagrams", junk.len());
+        assert!(agent.process.exited().is_none(), "{}", agent.log_text());
         agent.process.stop(Duration::from_secs(5));
     }
     // `off`: nothing listens at all, and the agent runs.
@@ -680,7 +796,14 @@ fn root_the_agents_listeners_bind_only_where_configured() {
         node,
         &pins,
         None,
-        &["--health-listen", "off", "--metrics-listen", "off"],
+        &[
+            "--health-listen",
+            "off",
+            "--metrics-listen",
+            "off",
+            "--cni-metrics-socket",
+            "off",
+        ],
     );
     wait_attached(&node.ns, "eth0", &mut agent, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
