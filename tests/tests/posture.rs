@@ -9,7 +9,9 @@
 //!   gets through);
 //! - the agent's HTTP endpoints: no method but GET (and HEAD) is served on any path, unknown
 //!   paths are 404, nothing there changes state, malformed and oversized requests are refused
-//!   without hurting the agent, and the listeners bind only where configured (or nowhere).
+//!   without hurting the agent, idle connections are capped and ended, and the listeners
+//!   bind only where configured (or nowhere);
+//! - the CNI latency socket: mode 0600, junk dropped without a trace.
 //!
 //! A forged source outside the pools and IP-in-IP from etcd's host are in `forwarding.rs`.
 
