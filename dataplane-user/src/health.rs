@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::future::Future as _;
+
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 
 use crate::metrics::Metrics;
@@ -207,11 +209,130 @@ async fn readiness(State(h): State<Arc<Health>>) -> (StatusCode, String) {
     reply(h.readiness(), "ready")
 }
 
-/// Serves `router` on `listener` until the task is dropped; a failure is logged (the
-/// dataplane goes on without its endpoints rather than stopping).
+/// Connections one listener serves at a time; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long one connection may last: a probe or a scrape takes milliseconds, so this only
+/// ends idle, slow or half-sent ones (which would otherwise hold a descriptor and a buffer
+/// of the agent's for ever).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until the task is dropped, at most [`MAX_CONNECTIONS`] at
+/// a time, each closed after [`CONNECTION_LIFETIME`]: whoever can reach the port cannot
+/// exhaust the agent's descriptors or memory. A failure is logged (the dataplane goes on
+/// without its endpoints rather than stopping).
 pub async fn serve(what: &'static str, listener: tokio::net::TcpListener, router: Router) {
-    if let Err(e) = axum::serve(listener, router).await {
+    let capped = Capped {
+        inner: listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+    };
+    if let Err(e) = axum::serve(capped, router).await {
         tracing::error!(what, error = %e, "HTTP server stopped");
+    }
+}
+
+/// A listener that accepts only while fewer than its slots' count of connections are open.
+struct Capped {
+    inner: tokio::net::TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = Bounded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                // Never closed; wait rather than spin if it were.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let end = Box::pin(tokio::time::sleep(CONNECTION_LIFETIME));
+                    return (
+                        Bounded {
+                            io,
+                            end,
+                            _slot: slot,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little, as axum does.
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection that fails its reads and writes once its lifetime is over (so the
+/// server closes it) and frees its slot when dropped.
+struct Bounded {
+    io: tokio::net::TcpStream,
+    end: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Bounded {
+    /// Err once the lifetime is over; otherwise arms the wake-up for that moment.
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        match self.end.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection lifetime over",
+            )),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Bounded {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
