@@ -5,6 +5,7 @@
 
 mod attach;
 mod cni;
+mod ctlplane;
 mod datapath;
 mod load;
 mod mapdump;
@@ -23,6 +24,9 @@ enum Bench {
     Policy,
     /// `map-dump conntrack` of a big table.
     MapDump,
+    /// The agent's control-plane costs in process: map writes one by one against batched,
+    /// endpoint events with the rule cache against from scratch.
+    ControlPlane,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -30,7 +34,8 @@ enum Bench {
 #[command(after_help = "Examples:
   dataplane-benches --quick
   dataplane-benches --only datapath --datapath-rounds 2 --datapath-rules 0,1000
-  dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000")]
+  dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000
+  dataplane-benches --only control-plane")]
 struct Args {
     /// A reduced run for CI smoke checks (fewer samples; checks that figures are produced,
     /// not their values).
@@ -93,6 +98,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants(Bench::Policy) {
         write_report("policy", &policy::run(args.quick)?)?;
+    }
+    if wants(Bench::ControlPlane) {
+        write_report("control-plane", &ctlplane::run(args.quick)?)?;
     }
     if wants(Bench::MapDump) {
         let n = args

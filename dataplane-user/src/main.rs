@@ -85,6 +85,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 readiness_grace: std::time::Duration::from_secs(args.readiness_grace),
                 conntrack_size: args.conntrack_size,
                 bpf_object: args.bpf_object,
+                max_policy_entries: args.max_policy_entries,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -188,8 +189,13 @@ async fn run_ctl(
     let ds = Datastore::connect(&etcd_config(etcd)).await?;
     match command {
         CtlCommand::Apply {
-            wait, wait_timeout, ..
+            wait,
+            wait_timeout,
+            max_policy_entries,
+            ..
         } => {
+            let limit = max_policy_entries.unwrap_or(dataplane::sync::MAX_ENTRIES_PER_POLICY);
+            ctl::check_fit(&ds, &manifests, limit).await?;
             let applied = ctl::apply(&ds, &manifests).await?;
             for a in &applied {
                 println!("{}", a.line);

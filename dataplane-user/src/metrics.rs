@@ -18,6 +18,8 @@
 //! | `dataplane_sync_lag_revisions` | | seen − programmed |
 //! | `dataplane_reconcile_duration_seconds` | sync=full\|incremental | time of one map reconcile |
 //! | `dataplane_etcd_reconnects_total` | | times the sync started over from a fresh list |
+//! | `dataplane_policy_held_endpoints` | | endpoint directions whose rules do not fit the maps now (previous rules kept, or all denied) |
+//! | `dataplane_policy_held_total` | | times an endpoint direction's rules stopped fitting |
 //! | `dataplane_ready` | | 1 when `/readiness` says ready |
 
 use std::{
@@ -59,6 +61,10 @@ pub struct Metrics {
     reconnects: Counter,
     programmed: Gauge,
     seen: Gauge,
+    held_now: Gauge,
+    held_total: Counter,
+    /// The held endpoints, one line each, for the node status.
+    held: std::sync::Mutex<Vec<String>>,
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -75,6 +81,18 @@ impl Metrics {
         let reconnects = Counter::default();
         let programmed = Gauge::default();
         let seen = Gauge::default();
+        let held_now = Gauge::default();
+        let held_total = Counter::default();
+        registry.register(
+            "dataplane_policy_held_endpoints",
+            "Endpoint directions whose policy rules do not fit the maps now (their previous rules stay in force, or all is denied)",
+            held_now.clone(),
+        );
+        registry.register(
+            "dataplane_policy_held",
+            "Times an endpoint direction's policy rules stopped fitting the maps",
+            held_total.clone(),
+        );
         registry.register(
             "dataplane_reconcile_duration_seconds",
             "Time to bring the maps to what etcd says, per reconcile (sync=full: after a list, incremental: after watch events)",
@@ -107,7 +125,29 @@ impl Metrics {
             reconnects,
             programmed,
             seen,
+            held_now,
+            held_total,
+            held: std::sync::Mutex::default(),
         }
+    }
+
+    /// After a reconcile: `newly` endpoint directions stopped fitting, `held` are all those
+    /// that do not fit now.
+    pub fn policy_held(&self, newly: usize, held: Vec<String>) {
+        self.held_total.inc_by(newly as u64);
+        self.held_now.set(held.len() as i64);
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
+    }
+
+    /// The endpoints held at the last reconcile.
+    pub fn policy_held_list(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn reconciled(&self, full: bool, took: Duration) {
