@@ -154,7 +154,6 @@ impl Maps {
     }
 
     fn write_batch(&self, t: &Tables) -> anyhow::Result<()> {
-        let never = |_: &_, _: &_| -> Result<(), String> { Err("no batch".into()) };
         let e = |e: std::io::Error| e.to_string();
         let (k, v) = lpm_entries(&t.ip_lpm);
         dataplane::batch::update(self.fds[0].as_fd(), &k, &v, never, e)
@@ -170,17 +169,27 @@ impl Maps {
     }
 
     fn remove_batch(&self, t: &Tables) -> anyhow::Result<()> {
-        let never = |_: &_| -> Result<(), String> { Err("no batch".into()) };
         let e = |e: std::io::Error| e.to_string();
         let k: Vec<_> = t.port_exact.keys().copied().collect();
-        dataplane::batch::delete(self.fds[3].as_fd(), &k, never, e).map_err(anyhow::Error::msg)?;
+        dataplane::batch::delete(self.fds[3].as_fd(), &k, never_one, e)
+            .map_err(anyhow::Error::msg)?;
         let k: Vec<_> = t.port_lpm.keys().map(|&(p, k)| Key::new(p, k)).collect();
-        dataplane::batch::delete(self.fds[2].as_fd(), &k, never, e).map_err(anyhow::Error::msg)?;
+        dataplane::batch::delete(self.fds[2].as_fd(), &k, never_one, e)
+            .map_err(anyhow::Error::msg)?;
         let k: Vec<_> = t.ip_exact.keys().copied().collect();
-        dataplane::batch::delete(self.fds[1].as_fd(), &k, never, e).map_err(anyhow::Error::msg)?;
+        dataplane::batch::delete(self.fds[1].as_fd(), &k, never_one, e)
+            .map_err(anyhow::Error::msg)?;
         let k: Vec<_> = t.ip_lpm.keys().map(|&(p, k)| Key::new(p, k)).collect();
-        dataplane::batch::delete(self.fds[0].as_fd(), &k, never, e).map_err(anyhow::Error::msg)
+        dataplane::batch::delete(self.fds[0].as_fd(), &k, never_one, e).map_err(anyhow::Error::msg)
     }
+}
+
+fn never<K, V>(_: &K, _: &V) -> Result<(), String> {
+    Err("the map took no batch".into())
+}
+
+fn never_one<K>(_: &K) -> Result<(), String> {
+    Err("the map took no batch".into())
 }
 
 /// The apply bench's policy of `n` rules, compiled as one endpoint's ingress.

@@ -1733,7 +1733,7 @@ mod incremental_tests {
     /// on the endpoint's own side, named ports on both sides, notSelector, a global policy.
     fn policy(which: usize, variant: usize) -> (String, serde_json::Value) {
         let app = ["web", "db", "api"][variant % 3];
-        let ns = if variant % 2 == 0 { "default" } else { "other" };
+        let ns = NAMESPACES[variant % 2];
         let (key, kind, spec) = match which {
             0 => (
                 format!("networkpolicies/{ns}/peer"),

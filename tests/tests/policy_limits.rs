@@ -248,6 +248,14 @@ fn root_agent_never_programs_rules_that_do_not_fit() {
     eprintln!("big policy in force (held on node 1) after {in_force:?}");
 }
 
+fn never<K, V>(_: &K, _: &V) -> Result<(), String> {
+    panic!("fell back to single writes")
+}
+
+fn never_one<K>(_: &K) -> Result<(), String> {
+    panic!("fell back to single removals")
+}
+
 /// The batched writes and removals the agent's policy maps use, on a loaded object's maps:
 /// everything written reads back; removing keys some of which are gone removes the rest.
 #[test]
@@ -283,7 +291,6 @@ fn root_batch_map_writes_and_removals() {
             ..Verdict::default()
         })
         .collect();
-    let never = |_: &_, _: &_| -> Result<(), String> { panic!("fell back to single writes") };
     let t = Instant::now();
     dataplane::batch::update(trie.as_fd(), &keys, &values, never, |e| e.to_string()).unwrap();
     eprintln!("10,000 trie entries in one batch call: {:?}", t.elapsed());
@@ -320,7 +327,6 @@ fn root_batch_map_writes_and_removals() {
             m.remove(k).unwrap();
         }
     }
-    let never_one = |_: &_| -> Result<(), String> { panic!("fell back to single removals") };
     dataplane::batch::delete(trie.as_fd(), &keys, never_one, |e| e.to_string()).unwrap();
     dataplane::batch::delete(hash.as_fd(), &ips, never_one, |e| e.to_string()).unwrap();
     let m: LpmTrie<_, PolicyPortKey, Verdict> =
