@@ -26,7 +26,7 @@ use dataplane::{
     policy::compile::Tables,
     sync::Model,
 };
-use dataplane_common::map_names;
+use dataplane_common::{PolicyIpKey, PolicyPortKey, Verdict, map_names};
 use dataplane_tests::packets::TestObject;
 use serde::Serialize;
 use serde_json::json;
@@ -80,13 +80,13 @@ impl Maps {
 
     fn write_single(&mut self, t: &Tables) {
         // The test object's own writer: one syscall per entry, in the agent's former order.
-        let mut ip: aya::maps::LpmTrie<&mut aya::maps::MapData, _, u32> =
+        let mut ip: aya::maps::LpmTrie<&mut aya::maps::MapData, PolicyIpKey, u32> =
             aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_IP).unwrap())
                 .unwrap();
         for (&(plen, k), v) in &t.ip_lpm {
             ip.insert(&Key::new(plen, k), *v, 0).unwrap();
         }
-        let mut ipx: aya::maps::HashMap<&mut aya::maps::MapData, _, u32> =
+        let mut ipx: aya::maps::HashMap<&mut aya::maps::MapData, PolicyIpKey, u32> =
             aya::maps::HashMap::try_from(
                 self.obj.ebpf.map_mut(map_names::POLICY_IP_EXACT).unwrap(),
             )
@@ -94,13 +94,13 @@ impl Maps {
         for (k, v) in &t.ip_exact {
             ipx.insert(k, *v, 0).unwrap();
         }
-        let mut port: aya::maps::LpmTrie<&mut aya::maps::MapData, _, _> =
+        let mut port: aya::maps::LpmTrie<&mut aya::maps::MapData, PolicyPortKey, Verdict> =
             aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_PORT).unwrap())
                 .unwrap();
         for (&(plen, k), v) in &t.port_lpm {
             port.insert(&Key::new(plen, k), *v, 0).unwrap();
         }
-        let mut portx: aya::maps::HashMap<&mut aya::maps::MapData, _, _> =
+        let mut portx: aya::maps::HashMap<&mut aya::maps::MapData, PolicyPortKey, Verdict> =
             aya::maps::HashMap::try_from(
                 self.obj.ebpf.map_mut(map_names::POLICY_PORT_EXACT).unwrap(),
             )
@@ -111,43 +111,31 @@ impl Maps {
     }
 
     fn remove_single(&mut self, t: &Tables) {
-        let mut portx: aya::maps::HashMap<
-            &mut aya::maps::MapData,
-            dataplane_common::PolicyPortKey,
-            dataplane_common::Verdict,
-        > = aya::maps::HashMap::try_from(
-            self.obj.ebpf.map_mut(map_names::POLICY_PORT_EXACT).unwrap(),
-        )
-        .unwrap();
+        let mut portx: aya::maps::HashMap<&mut aya::maps::MapData, PolicyPortKey, Verdict> =
+            aya::maps::HashMap::try_from(
+                self.obj.ebpf.map_mut(map_names::POLICY_PORT_EXACT).unwrap(),
+            )
+            .unwrap();
         for k in t.port_exact.keys() {
             portx.remove(k).unwrap();
         }
-        let mut port: aya::maps::LpmTrie<
-            &mut aya::maps::MapData,
-            dataplane_common::PolicyPortKey,
-            dataplane_common::Verdict,
-        > = aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_PORT).unwrap())
-            .unwrap();
+        let mut port: aya::maps::LpmTrie<&mut aya::maps::MapData, PolicyPortKey, Verdict> =
+            aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_PORT).unwrap())
+                .unwrap();
         for &(plen, k) in t.port_lpm.keys() {
             port.remove(&Key::new(plen, k)).unwrap();
         }
-        let mut ipx: aya::maps::HashMap<
-            &mut aya::maps::MapData,
-            dataplane_common::PolicyIpKey,
-            u32,
-        > = aya::maps::HashMap::try_from(
-            self.obj.ebpf.map_mut(map_names::POLICY_IP_EXACT).unwrap(),
-        )
-        .unwrap();
+        let mut ipx: aya::maps::HashMap<&mut aya::maps::MapData, PolicyIpKey, u32> =
+            aya::maps::HashMap::try_from(
+                self.obj.ebpf.map_mut(map_names::POLICY_IP_EXACT).unwrap(),
+            )
+            .unwrap();
         for k in t.ip_exact.keys() {
             ipx.remove(k).unwrap();
         }
-        let mut ip: aya::maps::LpmTrie<
-            &mut aya::maps::MapData,
-            dataplane_common::PolicyIpKey,
-            u32,
-        > = aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_IP).unwrap())
-            .unwrap();
+        let mut ip: aya::maps::LpmTrie<&mut aya::maps::MapData, PolicyIpKey, u32> =
+            aya::maps::LpmTrie::try_from(self.obj.ebpf.map_mut(map_names::POLICY_IP).unwrap())
+                .unwrap();
         for &(plen, k) in t.ip_lpm.keys() {
             ip.remove(&Key::new(plen, k)).unwrap();
         }
@@ -316,7 +304,7 @@ fn endpoint_events(n: usize, events: usize) -> anyhow::Result<EndpointEvents> {
         .map(|i| {
             if i % 10 == 9 {
                 json!({"action": "Allow", "protocol": "TCP",
-                       "source": {"selector": format!("app == 'g{}'", i % 5)},
+                       "source": {"selector": format!("app == 'g{}'", i / 10 % 5)},
                        "destination": {"ports": [1000 + i % 20_000]}})
             } else {
                 json!({"action": "Allow", "protocol": "TCP",
@@ -353,8 +341,8 @@ fn endpoint_events(n: usize, events: usize) -> anyhow::Result<EndpointEvents> {
     for i in 0..events {
         put(
             &mut m,
-            &format!("/calico/k8s/pods/default/p{}", i % LOCAL),
-            json!({"metadata": {"name": format!("p{}", i % LOCAL), "namespace": "default",
+            "/calico/k8s/pods/default/p0",
+            json!({"metadata": {"name": "p0", "namespace": "default",
                    "labels": {"app": format!("g{}", (i + 1) % 5)}}, "spec": {}}),
         );
         let t = Instant::now();

@@ -2022,7 +2022,7 @@ mod profile {
             .map(|i| {
                 if i % 10 == 9 {
                     json!({"action": "Allow", "protocol": "TCP",
-                           "source": {"selector": format!("app == 'g{}'", i % 5)},
+                           "source": {"selector": format!("app == 'g{}'", i / 10 % 5)},
                            "destination": {"ports": [1000 + i % 20_000]}})
                 } else {
                     json!({"action": "Allow", "protocol": "TCP",
@@ -2104,7 +2104,8 @@ mod profile {
         );
         let mut per_event = Vec::new();
         for i in 0..events {
-            let v = json!({"metadata": {"name": format!("p{i}"), "namespace": "default", "labels": {"app": "other", "n": i.to_string()}}, "spec": {}});
+            // Another `g` label each time: two selectors' sets change.
+            let v = json!({"metadata": {"name": format!("p{}", i % local), "namespace": "default", "labels": {"app": format!("g{}", (i + 1 + i % local) % 5)}}, "spec": {}});
             put(
                 &mut m,
                 &format!("/calico/k8s/pods/default/p{}", i % local),
