@@ -5,6 +5,7 @@
 
 mod attach;
 mod cni;
+mod ctlplane;
 mod datapath;
 mod load;
 mod mapdump;
@@ -23,6 +24,9 @@ enum Bench {
     Policy,
     /// `map-dump conntrack` of a big table.
     MapDump,
+    /// The agent's control-plane costs in process: map writes one by one against batched,
+    /// endpoint events with the rule cache against from scratch.
+    ControlPlane,
 }
 
 /// Benchmarks of the dataplane; results go to stdout and to target/bench/*.json.
@@ -32,7 +36,8 @@ enum Bench {
   dataplane-benches --only datapath --datapath-rounds 2 --datapath-rules 0,1000
   dataplane-benches --only datapath --quick --datapath-rules 0,10000 --datapath-endpoints 1000
   dataplane-benches --only datapath --datapath-rounds 3 --datapath-rules 0,10000 \\
-    --datapath-configs bare,iptables,iptables-legacy,ipset,bpf --datapath-endpoints 0")]
+    --datapath-configs bare,iptables,iptables-legacy,ipset,bpf --datapath-endpoints 0
+  dataplane-benches --only control-plane")]
 struct Args {
     /// A reduced run for CI smoke checks (fewer samples; checks that figures are produced,
     /// not their values).
@@ -99,6 +104,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants(Bench::Policy) {
         write_report("policy", &policy::run(args.quick)?)?;
+    }
+    if wants(Bench::ControlPlane) {
+        write_report("control-plane", &ctlplane::run(args.quick)?)?;
     }
     if wants(Bench::MapDump) {
         let n = args

@@ -190,6 +190,16 @@ const _: () = assert!(size_of::<EndpointValue>() == 20);
 /// A policy id meaning "no policy selects this endpoint in this direction": allow.
 pub const POLICY_NONE: u32 = 0;
 
+/// [`EndpointValue::flags`] bits, set by the agent for inspection (the programs do not read
+/// them).
+pub mod endpoint_flags {
+    /// The endpoint's ingress rules do not fit the policy maps: the agent kept the policy in
+    /// force before (or denies all when there was none) instead of a partial rule set.
+    pub const INGRESS_HELD: u16 = 1;
+    /// The same for egress.
+    pub const EGRESS_HELD: u16 = 2;
+}
+
 /// Key of the policy address classifier (LPM trie): prefix bits 32 + the CIDR's length, so
 /// the policy id always matches exactly.
 #[repr(C)]

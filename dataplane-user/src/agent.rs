@@ -84,6 +84,8 @@ pub struct AgentOptions {
     pub bpf_object: Option<PathBuf>,
     /// Where the CNI plugin's latency records arrive (`None`: not received).
     pub cni_metrics_socket: Option<PathBuf>,
+    /// Most map entries one compiled policy may take (`None`: the default).
+    pub max_policy_entries: Option<usize>,
 }
 
 /// How often expired conntrack entries are removed.
@@ -388,7 +390,10 @@ async fn run_bpf(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let ds = crate::datastore::Datastore::connect(&etcd_config(&opts))
             .await
             .map_err(Box::new)?;
-        let writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
+        let mut writer = crate::sync::MapWriter::open(pins.root()).map_err(Box::new)?;
+        if let Some(limit) = opts.max_policy_entries {
+            writer = writer.with_entry_limit(limit);
+        }
         Some((ds, writer))
     };
     // A map the sync fills was remade empty: fill it before any new program uses it (the

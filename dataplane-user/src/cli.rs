@@ -248,6 +248,11 @@ pub enum CtlCommand {
     /// With --wait, it then waits until every live node's agent reports the written revision
     /// in force (agents not heard from for 30 s are not waited for).
     ///
+    /// Policies are checked before anything is written: the cluster is read from etcd and
+    /// every node's endpoints compiled with the new policies as the agents would; one that
+    /// would give an endpoint more rules than its policy maps hold is refused, naming the
+    /// policy, the endpoint and the limit, and nothing is written.
+    ///
     /// Examples:
     ///   dataplane ctl apply -f pool.yaml
     ///   dataplane ctl apply -f deny-all.yaml --wait --wait-timeout 10
@@ -264,6 +269,10 @@ pub enum CtlCommand {
         /// How long --wait waits, in seconds.
         #[arg(long, value_name = "SECS", default_value_t = 30, requires = "wait")]
         wait_timeout: u64,
+        /// Most map entries one endpoint direction's rules may take (default: what an agent
+        /// allows); tests lower it to reach the limit with small policies.
+        #[arg(long, value_name = "ENTRIES", hide = true)]
+        max_policy_entries: Option<usize>,
     },
     /// Print the resources of a kind, or one by name (YAML, or JSON with -o json).
     ///
@@ -460,6 +469,11 @@ pub struct AgentArgs {
     /// dataplane-ebpf crate, so its maps are this version's).
     #[arg(long, value_name = "FILE", hide = true)]
     pub bpf_object: Option<PathBuf>,
+
+    /// Most map entries one endpoint direction's compiled rules may take (default: what the
+    /// maps allow one policy); tests lower it to reach the limit with small policies.
+    #[arg(long, value_name = "ENTRIES", hide = true)]
+    pub max_policy_entries: Option<usize>,
 }
 
 impl AgentArgs {

@@ -205,6 +205,20 @@ pub struct EndpointRow {
     /// Compiled policy ids (0: no policy in that direction, all allowed).
     pub ingress_policy: u32,
     pub egress_policy: u32,
+    /// Directions (`ingress`, `egress`) whose new rules do not fit the maps: the agent kept
+    /// the policy in force before, or denies all (`ctl node status` says why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
+}
+
+/// The directions an endpoint's flags mark as held back (see [`EndpointRow::held`]).
+pub fn held_directions(flags: u16) -> Vec<String> {
+    use dataplane_common::endpoint_flags::{EGRESS_HELD, INGRESS_HELD};
+    [(INGRESS_HELD, "ingress"), (EGRESS_HELD, "egress")]
+        .into_iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, d)| d.to_owned())
+        .collect()
 }
 
 pub fn endpoint_rows(root: &Path) -> Result<Vec<EndpointRow>, MapsError> {
@@ -217,6 +231,7 @@ pub fn endpoint_rows(root: &Path) -> Result<Vec<EndpointRow>, MapsError> {
             mac: mac_text(v.mac),
             ingress_policy: v.ingress_policy,
             egress_policy: v.egress_policy,
+            held: held_directions(v.flags),
         })
         .collect())
 }
@@ -235,7 +250,7 @@ pub fn endpoints_table(rows: &[EndpointRow]) -> String {
     );
     for r in rows {
         out.push_str(&format!(
-            "{:>7}  {:<16}  {:<15}  {:<17}  {:>7}  {:>7}\n",
+            "{:>7}  {:<16}  {:<15}  {:<17}  {:>7}  {:>7}",
             r.ifindex,
             r.iface.as_deref().unwrap_or("(gone)"),
             r.ip,
@@ -243,6 +258,13 @@ pub fn endpoints_table(rows: &[EndpointRow]) -> String {
             policy(r.ingress_policy),
             policy(r.egress_policy),
         ));
+        if !r.held.is_empty() {
+            out.push_str(&format!(
+                "  HELD {}: new rules do not fit the maps (ctl node status says why)",
+                r.held.join(",")
+            ));
+        }
+        out.push('\n');
     }
     out
 }
@@ -423,6 +445,9 @@ pub struct PolicyEndpoint {
     /// Compiled policy ids (0: no policy in that direction, everything allowed).
     pub ingress_policy: u32,
     pub egress_policy: u32,
+    /// See [`EndpointRow::held`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
 }
 
 /// `map-dump policy`: the rules in force with their hit counts, and the compiled verdicts.
@@ -490,6 +515,7 @@ pub fn policy_dump(
                 ip: std::net::Ipv4Addr::from(ep.ip).to_string(),
                 ingress_policy: ep.ingress_policy,
                 egress_policy: ep.egress_policy,
+                held: held_directions(ep.flags),
             })
         }
     };
@@ -589,6 +615,12 @@ pub fn policy_dump_text(d: &PolicyDump) -> String {
             id(e.ingress_policy),
             id(e.egress_policy)
         ));
+        if !e.held.is_empty() {
+            out.push_str(&format!(
+                "HELD {}: the new rules do not fit the policy maps; the policy above is the one in force before (or denies all), see `ctl node status`\n\n",
+                e.held.join(",")
+            ));
+        }
     }
     let name = |r: &PolicyRuleRow| match (&r.name, r.rule) {
         (Some(n), _) => n.clone(),

@@ -154,6 +154,11 @@ impl SyncObserver {
         }
     }
 
+    /// After a reconcile: see [`Metrics::policy_held`].
+    pub fn policy_held(&self, newly: usize, held: Vec<String>) {
+        self.metrics.policy_held(newly, held);
+    }
+
     /// The maps hold everything up to `revision`.
     pub fn programmed(&self, revision: i64) {
         self.metrics.revision_programmed(revision);

@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod cleanup;
 pub mod cli;

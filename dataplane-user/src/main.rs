@@ -88,6 +88,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
                 cni_metrics_socket: (!args.cni_metrics_socket.is_empty()
                     && !args.cni_metrics_socket.eq_ignore_ascii_case("off"))
                 .then(|| args.cni_metrics_socket.into()),
+                max_policy_entries: args.max_policy_entries,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
@@ -196,8 +197,13 @@ async fn run_ctl(
     let ds = Datastore::connect(&etcd_config(etcd)).await?;
     match command {
         CtlCommand::Apply {
-            wait, wait_timeout, ..
+            wait,
+            wait_timeout,
+            max_policy_entries,
+            ..
         } => {
+            let limit = max_policy_entries.unwrap_or(dataplane::sync::MAX_ENTRIES_PER_POLICY);
+            ctl::check_fit(&ds, &manifests, limit).await?;
             let applied = ctl::apply(&ds, &manifests).await?;
             for a in &applied {
                 println!("{}", a.line);

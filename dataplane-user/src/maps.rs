@@ -1,7 +1,11 @@
 //! Typed access to the pinned maps, for the agent and for tools that run without it
 //! (`map-dump` reads the pins directly).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key};
 use dataplane_common::{
@@ -10,7 +14,7 @@ use dataplane_common::{
     map_names,
 };
 
-use crate::{bpffs, policy::compile::Tables};
+use crate::{batch, bpffs, policy::compile::Tables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -21,6 +25,29 @@ pub enum MapsError {
         name: &'static str,
         source: MapError,
     },
+    #[error("write map {name} (batch): {source}")]
+    Batch {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl MapsError {
+    /// Whether a write failed because a map is full (or the kernel out of memory for it).
+    pub fn is_full(&self) -> bool {
+        let io = match self {
+            Self::Batch { source, .. } => source,
+            Self::Read {
+                source: MapError::SyscallError(e),
+                ..
+            } => &e.io_error,
+            _ => return false,
+        };
+        matches!(
+            io.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+        )
+    }
 }
 
 /// Opens the counters map pinned under the agent root `root`.
@@ -203,6 +230,9 @@ pub fn sweep_conntrack(root: &Path, timeouts: &CtTimeouts) -> Result<(usize, usi
 /// addresses, trie of CIDRs) and verdicts (hash of exact keys, trie of port blocks); and the
 /// two for inspection: what each rule came from, and how many packets each decided.
 pub struct PolicyMaps {
+    /// The maps' descriptors, for batch writes: ip_exact, ip_lpm, port_exact, port_lpm,
+    /// rules.
+    fds: [OwnedFd; 5],
     ip_exact: HashMap<MapData, PolicyIpKey, u32>,
     ip_lpm: LpmTrie<MapData, PolicyIpKey, u32>,
     port_exact: HashMap<MapData, PolicyPortKey, Verdict>,
@@ -221,22 +251,33 @@ fn not_found_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 impl PolicyMaps {
     pub fn open(root: &Path) -> Result<Self, MapsError> {
         let err = |name| move |source| MapsError::Read { name, source };
+        let dup = |name, m: &MapData| {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| MapsError::Batch { name, source })
+        };
+        let ip_exact = open_pinned(root, map_names::POLICY_IP_EXACT)?;
+        let ip_lpm = open_pinned(root, map_names::POLICY_IP)?;
+        let port_exact = open_pinned(root, map_names::POLICY_PORT_EXACT)?;
+        let port_lpm = open_pinned(root, map_names::POLICY_PORT)?;
+        let rules = open_pinned(root, map_names::POLICY_RULES)?;
         Ok(Self {
-            ip_exact: HashMap::try_from(Map::HashMap(open_pinned(
-                root,
-                map_names::POLICY_IP_EXACT,
-            )?))
-            .map_err(err(map_names::POLICY_IP_EXACT))?,
-            ip_lpm: LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_IP)?))
-                .map_err(err(map_names::POLICY_IP))?,
-            port_exact: HashMap::try_from(Map::HashMap(open_pinned(
-                root,
-                map_names::POLICY_PORT_EXACT,
-            )?))
-            .map_err(err(map_names::POLICY_PORT_EXACT))?,
-            port_lpm: LpmTrie::try_from(Map::LpmTrie(open_pinned(root, map_names::POLICY_PORT)?))
+            fds: [
+                dup(map_names::POLICY_IP_EXACT, &ip_exact)?,
+                dup(map_names::POLICY_IP, &ip_lpm)?,
+                dup(map_names::POLICY_PORT_EXACT, &port_exact)?,
+                dup(map_names::POLICY_PORT, &port_lpm)?,
+                dup(map_names::POLICY_RULES, &rules)?,
+            ],
+            ip_exact: HashMap::try_from(Map::HashMap(ip_exact))
+                .map_err(err(map_names::POLICY_IP_EXACT))?,
+            ip_lpm: LpmTrie::try_from(Map::LpmTrie(ip_lpm)).map_err(err(map_names::POLICY_IP))?,
+            port_exact: HashMap::try_from(Map::HashMap(port_exact))
+                .map_err(err(map_names::POLICY_PORT_EXACT))?,
+            port_lpm: LpmTrie::try_from(Map::LpmTrie(port_lpm))
                 .map_err(err(map_names::POLICY_PORT))?,
-            rules: open_policy_rules(root)?,
+            rules: HashMap::try_from(Map::HashMap(rules)).map_err(err(map_names::POLICY_RULES))?,
             hits: open_policy_hits(root)?,
         })
     }
@@ -263,30 +304,43 @@ impl PolicyMaps {
         id: u32,
         metas: impl Iterator<Item = PolicyRuleMeta>,
     ) -> Result<(), MapsError> {
-        for (rule, m) in metas.enumerate() {
-            let key = PolicyRuleKey {
-                policy: id,
-                rule: rule as u32,
-            };
-            self.rules
-                .insert(key, m, 0)
-                .map_err(|source| MapsError::Read {
-                    name: map_names::POLICY_RULES,
-                    source,
-                })?;
-        }
-        Ok(())
+        let (keys, values): (Vec<PolicyRuleKey>, Vec<PolicyRuleMeta>) = metas
+            .enumerate()
+            .map(|(rule, m)| {
+                (
+                    PolicyRuleKey {
+                        policy: id,
+                        rule: rule as u32,
+                    },
+                    m,
+                )
+            })
+            .unzip();
+        let name = map_names::POLICY_RULES;
+        let rules = &mut self.rules;
+        batch::update(
+            self.fds[4].as_fd(),
+            &keys,
+            &values,
+            |k, v| {
+                rules
+                    .insert(k, *v, 0)
+                    .map_err(|source| MapsError::Read { name, source })
+            },
+            |source| MapsError::Batch { name, source },
+        )
     }
 
     /// Removes rule descriptions (already gone is fine).
     pub fn remove_rules(&mut self, keys: &[PolicyRuleKey]) -> Result<(), MapsError> {
-        for k in keys {
-            not_found_ok(self.rules.remove(k)).map_err(|source| MapsError::Read {
-                name: map_names::POLICY_RULES,
-                source,
-            })?;
-        }
-        Ok(())
+        let name = map_names::POLICY_RULES;
+        let rules = &mut self.rules;
+        batch::delete(
+            self.fds[4].as_fd(),
+            keys,
+            |k| not_found_ok(rules.remove(k)).map_err(|source| MapsError::Read { name, source }),
+            |source| MapsError::Batch { name, source },
+        )
     }
 
     /// Removes the hit counters of every policy id not in `live` (a walk of the counters,
@@ -334,52 +388,113 @@ impl PolicyMaps {
         Ok(t)
     }
 
-    /// Writes every entry of `t`; the tries and the address hash first, the verdict hash
-    /// last (its entries are what a lookup starts from).
+    /// Writes every entry of `t`, many per syscall; the tries and the address hash first,
+    /// the verdict hash last (its entries are what a lookup starts from).
     pub fn write(&mut self, t: &Tables) -> Result<(), MapsError> {
         let err = |name| move |source| MapsError::Read { name, source };
-        for (&(plen, k), v) in &t.ip_lpm {
-            self.ip_lpm
-                .insert(&Key::new(plen, k), *v, 0)
-                .map_err(err(map_names::POLICY_IP))?;
-        }
-        for (k, v) in &t.ip_exact {
-            self.ip_exact
-                .insert(k, *v, 0)
-                .map_err(err(map_names::POLICY_IP_EXACT))?;
-        }
-        for (&(plen, k), v) in &t.port_lpm {
-            self.port_lpm
-                .insert(&Key::new(plen, k), *v, 0)
-                .map_err(err(map_names::POLICY_PORT))?;
-        }
-        for (k, v) in &t.port_exact {
-            self.port_exact
-                .insert(k, *v, 0)
-                .map_err(err(map_names::POLICY_PORT_EXACT))?;
-        }
-        Ok(())
+        let berr = |name| move |source| MapsError::Batch { name, source };
+        let [ip_exact_fd, ip_lpm_fd, port_exact_fd, port_lpm_fd, _] = &self.fds;
+        let (keys, values) = lpm_entries(&t.ip_lpm);
+        let m = &mut self.ip_lpm;
+        batch::update(
+            ip_lpm_fd.as_fd(),
+            &keys,
+            &values,
+            |k, v| m.insert(k, *v, 0).map_err(err(map_names::POLICY_IP)),
+            berr(map_names::POLICY_IP),
+        )?;
+        let (keys, values) = exact_entries(&t.ip_exact);
+        let m = &mut self.ip_exact;
+        batch::update(
+            ip_exact_fd.as_fd(),
+            &keys,
+            &values,
+            |k, v| m.insert(k, *v, 0).map_err(err(map_names::POLICY_IP_EXACT)),
+            berr(map_names::POLICY_IP_EXACT),
+        )?;
+        let (keys, values) = lpm_entries(&t.port_lpm);
+        let m = &mut self.port_lpm;
+        batch::update(
+            port_lpm_fd.as_fd(),
+            &keys,
+            &values,
+            |k, v| m.insert(k, *v, 0).map_err(err(map_names::POLICY_PORT)),
+            berr(map_names::POLICY_PORT),
+        )?;
+        let (keys, values) = exact_entries(&t.port_exact);
+        let m = &mut self.port_exact;
+        batch::update(
+            port_exact_fd.as_fd(),
+            &keys,
+            &values,
+            |k, v| {
+                m.insert(k, *v, 0)
+                    .map_err(err(map_names::POLICY_PORT_EXACT))
+            },
+            berr(map_names::POLICY_PORT_EXACT),
+        )
     }
 
-    /// Removes every entry of `t` (entries already gone are fine).
+    /// Removes every entry of `t` (entries already gone are fine), many per syscall.
     pub fn remove(&mut self, t: &Tables) -> Result<(), MapsError> {
         let err = |name| move |source| MapsError::Read { name, source };
-        for k in t.port_exact.keys() {
-            not_found_ok(self.port_exact.remove(k)).map_err(err(map_names::POLICY_PORT_EXACT))?;
-        }
-        for &(plen, k) in t.port_lpm.keys() {
-            not_found_ok(self.port_lpm.remove(&Key::new(plen, k)))
-                .map_err(err(map_names::POLICY_PORT))?;
-        }
-        for k in t.ip_exact.keys() {
-            not_found_ok(self.ip_exact.remove(k)).map_err(err(map_names::POLICY_IP_EXACT))?;
-        }
-        for &(plen, k) in t.ip_lpm.keys() {
-            not_found_ok(self.ip_lpm.remove(&Key::new(plen, k)))
-                .map_err(err(map_names::POLICY_IP))?;
-        }
-        Ok(())
+        let berr = |name| move |source| MapsError::Batch { name, source };
+        let [ip_exact_fd, ip_lpm_fd, port_exact_fd, port_lpm_fd, _] = &self.fds;
+        let keys: Vec<PolicyPortKey> = t.port_exact.keys().copied().collect();
+        let m = &mut self.port_exact;
+        batch::delete(
+            port_exact_fd.as_fd(),
+            &keys,
+            |k| not_found_ok(m.remove(k)).map_err(err(map_names::POLICY_PORT_EXACT)),
+            berr(map_names::POLICY_PORT_EXACT),
+        )?;
+        let keys: Vec<Key<PolicyPortKey>> = t
+            .port_lpm
+            .keys()
+            .map(|&(plen, k)| Key::new(plen, k))
+            .collect();
+        let m = &mut self.port_lpm;
+        batch::delete(
+            port_lpm_fd.as_fd(),
+            &keys,
+            |k| not_found_ok(m.remove(k)).map_err(err(map_names::POLICY_PORT)),
+            berr(map_names::POLICY_PORT),
+        )?;
+        let keys: Vec<PolicyIpKey> = t.ip_exact.keys().copied().collect();
+        let m = &mut self.ip_exact;
+        batch::delete(
+            ip_exact_fd.as_fd(),
+            &keys,
+            |k| not_found_ok(m.remove(k)).map_err(err(map_names::POLICY_IP_EXACT)),
+            berr(map_names::POLICY_IP_EXACT),
+        )?;
+        let keys: Vec<Key<PolicyIpKey>> = t
+            .ip_lpm
+            .keys()
+            .map(|&(plen, k)| Key::new(plen, k))
+            .collect();
+        let m = &mut self.ip_lpm;
+        batch::delete(
+            ip_lpm_fd.as_fd(),
+            &keys,
+            |k| not_found_ok(m.remove(k)).map_err(err(map_names::POLICY_IP)),
+            berr(map_names::POLICY_IP),
+        )
     }
+}
+
+/// A trie's entries as the batch calls take them: keys and values side by side.
+pub fn lpm_entries<K: aya::Pod + Ord, V: aya::Pod>(
+    m: &BTreeMap<(u32, K), V>,
+) -> (Vec<Key<K>>, Vec<V>) {
+    m.iter()
+        .map(|(&(plen, k), &v)| (Key::new(plen, k), v))
+        .unzip()
+}
+
+/// A hash map's entries as the batch calls take them.
+pub fn exact_entries<K: aya::Pod + Ord, V: aya::Pod>(m: &BTreeMap<K, V>) -> (Vec<K>, Vec<V>) {
+    m.iter().map(|(&k, &v)| (k, v)).unzip()
 }
 
 fn open_policy_rules(

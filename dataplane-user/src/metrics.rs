@@ -20,6 +20,8 @@
 //! | `dataplane_etcd_reconnects_total` | | times the sync started over from a fresh list |
 //! | `dataplane_etcd_regressions_total` | | times etcd's data went back (older snapshot restored, or wiped) and the sync listed again |
 //! | `dataplane_sync_held_endpoints` | | local endpoints etcd lost after a regression, kept while their veths exist |
+//! | `dataplane_policy_held_endpoints` | | endpoint directions whose rules do not fit the maps now (previous rules kept, or all denied) |
+//! | `dataplane_policy_held_total` | | times an endpoint direction's rules stopped fitting |
 //! | `dataplane_ready` | | 1 when `/readiness` says ready |
 //! | `dataplane_cni_operation_duration_seconds` | command, result=ok\|<CNI error code> | time of one CNI plugin operation on this node, as the plugin reports it ([`crate::cni_metrics`]) |
 
@@ -66,6 +68,10 @@ pub struct Metrics {
     cni: Family<CniLabels, Histogram>,
     programmed: Gauge,
     seen: Gauge,
+    held_now: Gauge,
+    held_total: Counter,
+    /// The held endpoints, one line each, for the node status.
+    policy_held_list: std::sync::Mutex<Vec<String>>,
 }
 
 fn cni_histogram() -> Histogram {
@@ -108,6 +114,18 @@ impl Metrics {
         );
         let programmed = Gauge::default();
         let seen = Gauge::default();
+        let held_now = Gauge::default();
+        let held_total = Counter::default();
+        registry.register(
+            "dataplane_policy_held_endpoints",
+            "Endpoint directions whose policy rules do not fit the maps now (their previous rules stay in force, or all is denied)",
+            held_now.clone(),
+        );
+        registry.register(
+            "dataplane_policy_held",
+            "Times an endpoint direction's policy rules stopped fitting the maps",
+            held_total.clone(),
+        );
         registry.register(
             "dataplane_reconcile_duration_seconds",
             "Time to bring the maps to what etcd says, per reconcile (sync=full: after a list, incremental: after watch events)",
@@ -143,7 +161,29 @@ impl Metrics {
             cni,
             programmed,
             seen,
+            held_now,
+            held_total,
+            policy_held_list: std::sync::Mutex::default(),
         }
+    }
+
+    /// After a reconcile: `newly` endpoint directions stopped fitting, `held` are all those
+    /// that do not fit now.
+    pub fn policy_held(&self, newly: usize, held: Vec<String>) {
+        self.held_total.inc_by(newly as u64);
+        self.held_now.set(held.len() as i64);
+        *self
+            .policy_held_list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
+    }
+
+    /// The endpoints held at the last reconcile.
+    pub fn policy_held_list(&self) -> Vec<String> {
+        self.policy_held_list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn reconciled(&self, full: bool, took: Duration) {

@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
-    EndpointValue, NodeValue, POLICY_NONE, PolicyRuleKey, RouteValue, map_names, route_flags,
-    route_kind,
+    EndpointValue, NodeValue, POLICY_NONE, PolicyRuleKey, RouteValue, endpoint_flags, map_names,
+    route_flags, route_kind,
 };
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
@@ -30,6 +30,7 @@ use crate::{
     ipam::Block,
     policy::{
         compile::{self, CompiledRule, Tables},
+        incremental::RuleCache,
         resolve::{self, NamedPort, Resolver},
         selector::Labels,
     },
@@ -70,6 +71,25 @@ pub struct Model {
     /// [`Model::hold_local`]) while their veths exist. Released when etcd writes the key
     /// again (or deletes it) or when the veth goes.
     held: BTreeMap<String, WorkloadEndpoint>,
+    /// Rule lists kept from one reconcile to the next.
+    rule_cache: RuleCacheCell,
+}
+
+/// The [`RuleCache`] of a model. A clone starts with an empty one (a cache is only a
+/// shortcut: an empty one gives the same rules).
+#[derive(Default)]
+struct RuleCacheCell(std::sync::Mutex<RuleCache>);
+
+impl Clone for RuleCacheCell {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for RuleCacheCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuleCache")
+    }
 }
 
 /// The contents the maps should have.
@@ -80,6 +100,8 @@ pub struct Desired {
     pub nodes: BTreeMap<[u8; 4], NodeValue>,
     /// Local endpoint (ifindex) → its rules; the writer assigns policy ids.
     pub rules: BTreeMap<u32, EndpointRules>,
+    /// Local endpoint (ifindex) → `namespace/pod`, for messages.
+    pub names: BTreeMap<u32, String>,
 }
 
 /// A local pod as the iptables dataplane sees it.
@@ -328,10 +350,11 @@ impl Model {
         self.held.len()
     }
 
-    /// Every endpoint of the cluster as policy sees it.
-    fn policy_endpoints(&self) -> Vec<(&WorkloadEndpoint, resolve::Endpoint)> {
+    /// Every endpoint of the cluster as policy sees it, keyed by (its WorkloadEndpoint's key,
+    /// the address's index), in key order.
+    fn policy_endpoints(&self) -> Vec<((String, usize), resolve::Endpoint)> {
         let mut out = Vec::new();
-        for wep in self.all_weps() {
+        for (key, wep) in self.weps.iter().chain(&self.held) {
             let ns = wep
                 .metadata
                 .namespace
@@ -363,10 +386,10 @@ impl Model {
                     port: p.port,
                 })
                 .collect();
-            for net in &wep.spec.ip_networks {
+            for (i, net) in wep.spec.ip_networks.iter().enumerate() {
                 if let Ok(net) = net.parse::<Ipv4Net>() {
                     out.push((
-                        wep,
+                        (key.clone(), i),
                         resolve::Endpoint {
                             namespace: ns.clone(),
                             ip: net.addr(),
@@ -382,6 +405,17 @@ impl Model {
 
     /// The maps' contents for node `me`. `ifindex` resolves a local pod's host veth.
     pub fn desired(&self, me: &str, ifindex: impl Fn(&str) -> Option<u32>) -> Desired {
+        self.desired_with(me, ifindex, false)
+    }
+
+    /// [`Model::desired`] with every local endpoint's rules resolved from scratch, one by one,
+    /// without the cache: what the cache must give (tests and benches compare the two).
+    pub fn desired_uncached(&self, me: &str, ifindex: impl Fn(&str) -> Option<u32>) -> Desired {
+        self.desired_with(me, ifindex, true)
+    }
+
+    /// [`Model::desired`]; `full`: rules resolved from scratch, bypassing the cache.
+    fn desired_with(&self, me: &str, ifindex: impl Fn(&str) -> Option<u32>, full: bool) -> Desired {
         let mut d = Desired::default();
         let my_net = self.nodes.get(me).copied();
         let same_subnet = |addr: Ipv4Addr| my_net.is_some_and(|n| n.trunc().contains(&addr));
@@ -515,6 +549,14 @@ impl Model {
                         },
                     );
                     local.push((idx, ip));
+                    d.names.insert(
+                        idx,
+                        format!(
+                            "{}/{}",
+                            wep.metadata.namespace.as_deref().unwrap_or("default"),
+                            spec.pod
+                        ),
+                    );
                     d.endpoints.insert(
                         idx,
                         EndpointValue {
@@ -550,8 +592,106 @@ impl Model {
                 }
             }
         }
-        self.desired_rules(&mut d, &local);
+        if full {
+            self.desired_rules_full(&mut d, &local);
+        } else {
+            self.desired_rules(&mut d, &local);
+        }
         d
+    }
+
+    /// Every node's local endpoints' rules compiled as its agent would compile them, checked
+    /// against `limit` entries per endpoint direction and, per node, against the sizes of the
+    /// policy maps (the sum over the distinct rule lists of its endpoints). One [`Misfit`] per
+    /// endpoint direction over the limit and per node over a map's size.
+    pub fn policy_misfits(&self, limit: usize) -> Vec<Misfit> {
+        use dataplane_common::{MAX_POLICY_IP, MAX_POLICY_PORT};
+        let nodes: BTreeSet<&str> = self.weps.values().map(|w| w.spec.node.as_str()).collect();
+        // Compiled once per distinct list: entries of (ip exact, ip trie, port exact, port
+        // trie), or how many it needs over the limit.
+        let mut compiled: std::collections::HashMap<
+            Arc<Vec<CompiledRule>>,
+            Result<[usize; 4], compile::TooBig>,
+        > = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for node in nodes {
+            let mut ifaces: Vec<&str> = self
+                .weps
+                .values()
+                .filter(|w| w.spec.node == node)
+                .map(|w| w.spec.interface_name.as_str())
+                .collect();
+            ifaces.sort_unstable();
+            ifaces.dedup();
+            let d = self.desired(node, |name| {
+                ifaces
+                    .binary_search(&name)
+                    .ok()
+                    .and_then(|i| u32::try_from(i + 1).ok())
+            });
+            let mut lists: std::collections::HashMap<*const Vec<CompiledRule>, [usize; 4]> =
+                std::collections::HashMap::new();
+            let mut names: BTreeSet<String> = BTreeSet::new();
+            for (idx, rules) in &d.rules {
+                for (rules, direction) in rules.iter().zip(["ingress", "egress"]) {
+                    let Some(rules) = rules else {
+                        continue;
+                    };
+                    let got = compiled
+                        .entry(rules.clone())
+                        .or_insert_with(|| {
+                            compile::compile(1, rules, limit).map(|e| {
+                                let t = e.tables();
+                                [
+                                    t.ip_exact.len(),
+                                    t.ip_lpm.len(),
+                                    t.port_exact.len(),
+                                    t.port_lpm.len(),
+                                ]
+                            })
+                        })
+                        .clone();
+                    let policies = policy_list(rules);
+                    match got {
+                        Ok(counts) => {
+                            lists.insert(Arc::as_ptr(rules), counts);
+                            names.extend(policies);
+                        }
+                        Err(e) => out.push(Misfit {
+                            node: node.to_owned(),
+                            endpoint: d.names.get(idx).cloned().unwrap_or_default(),
+                            direction,
+                            policies,
+                            reason: format!(
+                                "its rules need at least {} policy map entries, more than the {} one endpoint direction may have",
+                                e.needed, e.limit
+                            ),
+                        }),
+                    }
+                }
+            }
+            let maps = [
+                (map_names::POLICY_IP_EXACT, MAX_POLICY_IP),
+                (map_names::POLICY_IP, MAX_POLICY_IP),
+                (map_names::POLICY_PORT_EXACT, MAX_POLICY_PORT),
+                (map_names::POLICY_PORT, MAX_POLICY_PORT),
+            ];
+            for (i, (map, size)) in maps.into_iter().enumerate() {
+                let needed: usize = lists.values().map(|c| c[i]).sum();
+                if needed > size as usize {
+                    out.push(Misfit {
+                        node: node.to_owned(),
+                        endpoint: String::new(),
+                        direction: "",
+                        policies: names.iter().cloned().collect(),
+                        reason: format!(
+                            "its endpoints' rules need {needed} entries in map {map}, which holds {size}"
+                        ),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// What the iptables dataplane programs for node `me`: the same derivation as
@@ -607,45 +747,40 @@ impl Model {
         }
     }
 
-    /// Each local endpoint's rules, shared between endpoints whose rules are the same.
+    /// Each local endpoint's rules, shared between endpoints whose rules are the same; only
+    /// what an event changed is resolved again (see [`RuleCache`]).
     fn desired_rules(&self, d: &mut Desired, local: &[(u32, Ipv4Addr)]) {
         if local.is_empty() {
             return;
         }
-        let all = self.policy_endpoints();
-        let endpoints: Vec<resolve::Endpoint> = all.iter().map(|(_, e)| e.clone()).collect();
+        let endpoints = self.policy_endpoints();
+        // A panic while the cache was held leaves it half updated: start from an empty one.
+        let mut cache = self.rule_cache.0.lock().unwrap_or_else(|poisoned| {
+            let mut g = poisoned.into_inner();
+            *g = RuleCache::default();
+            g
+        });
+        d.rules = cache.rules(endpoints, &self.namespaces, self.policies.values(), local);
+        debug!(stats = ?cache.stats, "rule lists");
+    }
+
+    /// [`Model::desired_rules`] the long way: every local endpoint resolved on its own, from
+    /// scratch (the model the cache is checked against).
+    fn desired_rules_full(&self, d: &mut Desired, local: &[(u32, Ipv4Addr)]) {
+        let endpoints: Vec<resolve::Endpoint> = self
+            .policy_endpoints()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
         let r = Resolver::new(&endpoints, &self.namespaces, self.policies.values());
-        let mut shared: std::collections::HashMap<Vec<CompiledRule>, Arc<Vec<CompiledRule>>> =
-            std::collections::HashMap::new();
-        let mut share = |rules: Option<Vec<CompiledRule>>| {
-            rules.map(|v| {
-                shared
-                    .entry(v.clone())
-                    .or_insert_with(|| Arc::new(v))
-                    .clone()
-            })
-        };
-        // Endpoints selected by the same policies, none of which looks at the endpoint
-        // itself, get the same rules: resolved once.
-        let mut by_key: std::collections::HashMap<
-            (resolve::SharingKey, bool),
-            Option<Arc<Vec<CompiledRule>>>,
-        > = std::collections::HashMap::new();
         let by_ip: std::collections::HashMap<Ipv4Addr, &resolve::Endpoint> =
             endpoints.iter().map(|e| (e.ip, e)).collect();
         for &(idx, ip) in local {
             let Some(ep) = by_ip.get(&ip).copied() else {
                 continue;
             };
-            let mut one = |ingress: bool| match r.sharing_key(ep, ingress) {
-                Some(key) => by_key
-                    .entry((key, ingress))
-                    .or_insert_with(|| share(r.rules_for(ep, ingress)))
-                    .clone(),
-                None => share(r.rules_for(ep, ingress)),
-            };
-            let rules = [one(true), one(false)];
-            d.rules.insert(idx, rules);
+            let one = |ingress| r.rules_for(ep, ingress).map(Arc::new);
+            d.rules.insert(idx, [one(true), one(false)]);
         }
     }
 }
@@ -688,6 +823,9 @@ pub struct MapWriter {
     applied_endpoints: BTreeMap<u32, EndpointValue>,
     /// Compiled policies by their rules.
     programmed: std::collections::HashMap<Arc<Vec<CompiledRule>>, Programmed>,
+    /// The same by the address of their key's list (which `programmed` keeps alive): the rule
+    /// cache hands out the same `Arc` for the same rules, found without hashing them.
+    programmed_ptr: std::collections::HashMap<usize, u32>,
     /// Policy entries found in the maps at start, not (yet) known to be in use.
     orphans: Tables,
     /// Policies no endpoint uses any more, to remove in [`Dataplane::tidy`].
@@ -699,6 +837,16 @@ pub struct MapWriter {
     /// fails every later policy too: one warning says it).
     rules_warned: bool,
     next_id: u32,
+    /// Most entries one compiled policy may take.
+    entry_limit: usize,
+    /// Rule lists that did not fit (too many entries, or the maps full), with why: not
+    /// compiled again while they are wanted.
+    rejected: std::collections::HashMap<Arc<Vec<CompiledRule>>, String>,
+    /// The empty list: a policy that denies everything (what an endpoint whose rules do not
+    /// fit gets when it had none in force before).
+    deny_all: Arc<Vec<CompiledRule>>,
+    /// The endpoints held back by the last apply: their rules do not fit.
+    held: Vec<String>,
 }
 
 /// What one reconcile changed.
@@ -708,6 +856,48 @@ pub struct Changes {
     pub removed: usize,
     /// Policies compiled in this pass (new rule sets).
     pub compiled: usize,
+    /// Endpoint directions whose rules stopped fitting in this pass.
+    pub newly_held: usize,
+}
+
+/// The policies (`namespace/name`, or the name of a global one) `rules` come from, in order.
+fn policy_list(rules: &[CompiledRule]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    rules
+        .iter()
+        .map(|r| {
+            r.origin
+                .rsplit_once(" #")
+                .and_then(|(head, _)| head.rsplit_once(' '))
+                .map_or(r.origin.as_str(), |(name, _)| name)
+        })
+        .filter(|n| seen.insert(*n))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`policy_list`] as text, for messages.
+fn policy_names(rules: &[CompiledRule]) -> String {
+    let names = policy_list(rules);
+    if names.is_empty() {
+        "no policy".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// An endpoint direction (or a node's maps) whose rules would not fit: see
+/// [`Model::policy_misfits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misfit {
+    pub node: String,
+    /// `namespace/pod`; empty when the node's maps as a whole overflow.
+    pub endpoint: String,
+    /// `ingress` or `egress`; empty with `endpoint`.
+    pub direction: &'static str,
+    /// The policies its rules come from, in evaluation order.
+    pub policies: Vec<String>,
+    pub reason: String,
 }
 
 fn open(root: &Path, name: &str) -> Result<MapData, SyncError> {
@@ -783,35 +973,80 @@ impl MapWriter {
             applied,
             applied_endpoints,
             programmed: std::collections::HashMap::new(),
+            programmed_ptr: std::collections::HashMap::new(),
             orphans,
             garbage: Vec::new(),
             garbage_rules,
             garbage_ids,
             rules_warned: false,
             next_id,
+            entry_limit: MAX_ENTRIES_PER_POLICY,
+            rejected: std::collections::HashMap::new(),
+            deny_all: Arc::new(Vec::new()),
+            held: Vec::new(),
         })
     }
 
-    /// The id of `rules`, compiling and writing them first when new.
+    /// Lowers the number of entries one compiled policy may take (tests reach the limit this
+    /// way with small policies).
+    pub fn with_entry_limit(mut self, limit: usize) -> Self {
+        self.entry_limit = limit;
+        self
+    }
+
+    /// The id of `rules`, compiling and writing them first when new; `Ok(Err(why))` when they
+    /// do not fit (more entries than one policy may have, or the maps are full): nothing of
+    /// them is left in the maps then.
     fn policy_id(
         &mut self,
         rules: &Option<Arc<Vec<CompiledRule>>>,
         c: &mut Changes,
-    ) -> Result<u32, SyncError> {
+    ) -> Result<Result<u32, String>, SyncError> {
         let Some(rules) = rules else {
-            return Ok(POLICY_NONE);
+            return Ok(Ok(POLICY_NONE));
         };
-        if let Some(p) = self.programmed.get(rules) {
-            return Ok(p.id);
+        if let Some(id) = self.programmed_ptr.get(&(Arc::as_ptr(rules) as usize)) {
+            return Ok(Ok(*id));
         }
+        if let Some(p) = self.programmed.get(rules) {
+            return Ok(Ok(p.id));
+        }
+        if let Some((_, why)) = self.rejected.remove_entry(rules) {
+            // Kept under this `Arc`: the one this apply's endpoints hold (see the `retain`).
+            self.rejected.insert(rules.clone(), why.clone());
+            return Ok(Err(why));
+        }
+        let entries = match compile::compile(self.next_id, rules, self.entry_limit) {
+            Ok(e) => e.tables(),
+            Err(e) => {
+                let why = format!(
+                    "rules of {} need at least {} map entries, more than the {} one endpoint direction may have",
+                    policy_names(rules),
+                    e.needed,
+                    e.limit
+                );
+                self.rejected.insert(rules.clone(), why.clone());
+                return Ok(Err(why));
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
-        let entries = compile::compile(id, rules, MAX_ENTRIES_PER_POLICY)
-            .map_err(|e| SyncError::Compile(e.to_string()))?
-            .tables();
-        self.policy
-            .write(&entries)
-            .map_err(|e| SyncError::Policy(Box::new(e)))?;
+        if let Err(e) = self.policy.write(&entries) {
+            if !e.is_full() {
+                return Err(SyncError::Policy(Box::new(e)));
+            }
+            // Nothing refers to `id` yet: take back what was written of it.
+            self.policy
+                .remove(&entries)
+                .map_err(|e| SyncError::Policy(Box::new(e)))?;
+            let why = format!(
+                "rules of {} need {} map entries and the policy maps are full ({e})",
+                policy_names(rules),
+                entries.len()
+            );
+            self.rejected.insert(rules.clone(), why.clone());
+            return Ok(Err(why));
+        }
         // The descriptions are for inspection only: a full map is not worth failing over.
         if let Err(e) = self
             .policy
@@ -825,6 +1060,7 @@ impl MapWriter {
         }
         c.written += entries.len();
         c.compiled += 1;
+        self.programmed_ptr.insert(Arc::as_ptr(rules) as usize, id);
         self.programmed.insert(
             rules.clone(),
             Programmed {
@@ -833,7 +1069,13 @@ impl MapWriter {
                 rules: rules.len() as u32,
             },
         );
-        Ok(id)
+        Ok(Ok(id))
+    }
+
+    /// The endpoints whose rules did not fit at the last apply, each with why and what it
+    /// enforces instead.
+    pub fn held(&self) -> &[String] {
+        &self.held
     }
 
     fn remove_entries(&mut self, e: &Tables, c: &mut Changes) -> Result<(), SyncError> {
@@ -860,28 +1102,87 @@ impl MapWriter {
         // Policies first, then the endpoints that use them: an endpoint switches from one
         // complete policy to another in one map write.
         let mut endpoints = BTreeMap::new();
-        let mut ids: std::collections::HashMap<*const Vec<CompiledRule>, u32> =
+        let mut ids: std::collections::HashMap<*const Vec<CompiledRule>, Result<u32, String>> =
             std::collections::HashMap::new();
+        // Policies in force before this apply: what an endpoint whose new rules do not fit
+        // keeps.
+        let live: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
+        let mut held = Vec::new();
+        let mut newly_held = 0;
         for (&k, v) in &desired.endpoints {
             let mut v = *v;
             if let Some([ingress, egress]) = desired.rules.get(&k) {
-                // Shared rule lists are looked up once (hashing a list reads all of it).
-                let mut id = |rules: &Option<Arc<Vec<CompiledRule>>>| -> Result<u32, SyncError> {
-                    let Some(a) = rules else {
-                        return Ok(POLICY_NONE);
+                let before = self.applied_endpoints.get(&k).copied();
+                for (rules, egress) in [(ingress, false), (egress, true)] {
+                    // Shared rule lists are looked up once (hashing a list reads all of it).
+                    let got = match rules {
+                        None => Ok(POLICY_NONE),
+                        Some(a) => match ids.get(&Arc::as_ptr(a)) {
+                            Some(r) => r.clone(),
+                            None => {
+                                let r = self.policy_id(rules, &mut c)?;
+                                ids.insert(Arc::as_ptr(a), r.clone());
+                                r
+                            }
+                        },
                     };
-                    if let Some(id) = ids.get(&Arc::as_ptr(a)) {
-                        return Ok(*id);
+                    let flag = if egress {
+                        endpoint_flags::EGRESS_HELD
+                    } else {
+                        endpoint_flags::INGRESS_HELD
+                    };
+                    let id = match got {
+                        Ok(id) => id,
+                        Err(why) => {
+                            // Never a partial rule set: the rules in force before stay (a
+                            // label change must not cut a running pod off, nor open it up);
+                            // with none in force, everything is denied, as for any endpoint a
+                            // policy selects until its rules allow.
+                            let kept = before
+                                .map(|b| {
+                                    if egress {
+                                        b.egress_policy
+                                    } else {
+                                        b.ingress_policy
+                                    }
+                                })
+                                .filter(|id| live.contains(id));
+                            let (id, what) = match kept {
+                                Some(id) => (id, format!("keeps policy {id}")),
+                                None => {
+                                    let deny = Some(self.deny_all.clone());
+                                    match self.policy_id(&deny, &mut c)? {
+                                        Ok(id) => (id, format!("denies all (policy {id})")),
+                                        Err(e) => return Err(SyncError::Compile(e)),
+                                    }
+                                }
+                            };
+                            let dir = if egress { "egress" } else { "ingress" };
+                            let name = desired.names.get(&k).map_or("?", String::as_str);
+                            let line = format!("{name} (ifindex {k}) {dir}: {why}; {what}");
+                            if before.is_none_or(|b| b.flags & flag == 0) {
+                                newly_held += 1;
+                                tracing::error!(endpoint = name, ifindex = k, direction = dir, reason = %why, "policy rules do not fit the maps; {what}");
+                            }
+                            held.push(line);
+                            v.flags |= flag;
+                            id
+                        }
+                    };
+                    if egress {
+                        v.egress_policy = id;
+                    } else {
+                        v.ingress_policy = id;
                     }
-                    let id = self.policy_id(rules, &mut c)?;
-                    ids.insert(Arc::as_ptr(a), id);
-                    Ok(id)
-                };
-                v.ingress_policy = id(ingress)?;
-                v.egress_policy = id(egress)?;
+                }
             }
             endpoints.insert(k, v);
         }
+        c.newly_held = newly_held;
+        self.held = held;
+        // Lists no endpoint wants any more are forgotten (a policy change may make them fit).
+        self.rejected
+            .retain(|rules, _| ids.contains_key(&Arc::as_ptr(rules)));
         for (&k, v) in &endpoints {
             if self.applied_endpoints.get(&k) != Some(v) {
                 self.endpoints
@@ -925,6 +1226,7 @@ impl MapWriter {
         // Removed by `tidy`, after the new state is reported: off the path to "in force",
         // and a grace period for packets that read an endpoint's old policy id.
         for k in stale {
+            self.programmed_ptr.remove(&(Arc::as_ptr(&k) as usize));
             if let Some(p) = self.programmed.remove(&k) {
                 self.garbage.push(p.entries);
                 self.garbage_rules
@@ -977,6 +1279,11 @@ pub trait Dataplane: Send {
     fn tidy(&mut self) -> Result<usize, SyncError> {
         Ok(0)
     }
+
+    /// The endpoints whose rules did not fit at the last `program`, one line each.
+    fn held(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Dataplane for MapWriter {
@@ -988,6 +1295,10 @@ impl Dataplane for MapWriter {
         me: &str,
     ) -> impl std::future::Future<Output = Result<Changes, SyncError>> + Send {
         std::future::ready(self.apply(model.desired(me, ifindex)))
+    }
+
+    fn held(&self) -> Vec<String> {
+        self.held.clone()
     }
 
     fn tidy(&mut self) -> Result<usize, SyncError> {
@@ -1256,6 +1567,7 @@ async fn list_and_program<D: Dataplane>(
     }
     obs.held(model.held());
     let c = writer.program(&model, me).await?;
+    obs.policy_held(c.newly_held, writer.held());
     obs.applied(true, started.elapsed());
     info!(
         revision,
@@ -1365,6 +1677,7 @@ async fn follow<D: Dataplane>(
                 Ok(c) => c,
                 Err(e) => return Lost::Relist(e),
             };
+            obs.policy_held(c.newly_held, writer.held());
             obs.applied(false, started.elapsed());
             obs.held(model.held());
             debug!(revision, events = events.len(), written = c.written, removed = c.removed, compiled = c.compiled, took = ?started.elapsed(), "applied");
@@ -1397,7 +1710,8 @@ async fn report_status(
     obs: &SyncObserver,
     known: &mut Known,
 ) -> Result<Option<Regression>, DatastoreError> {
-    let status = crate::datastore::NodeStatus::new(me, revision);
+    let mut status = crate::datastore::NodeStatus::new(me, revision);
+    status.policy_held = obs.metrics.policy_held_list();
     match ds.put_node_status(&status).await {
         Ok(h) => {
             obs.etcd_reachable();
@@ -1734,5 +2048,410 @@ mod policy_tests {
         );
         let d = m.desired("node-1", idx);
         assert_eq!(d.rules[&1][0].as_ref().unwrap().len(), 1);
+    }
+}
+
+/// The rule cache against the full resolution, after random event sequences.
+#[cfg(test)]
+mod incremental_tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    const PODS: usize = 6;
+
+    /// The policies events pick from: peer selectors, namespace selectors, selectors and nets
+    /// on the endpoint's own side, named ports on both sides, notSelector, a global policy.
+    fn policy(which: usize, variant: usize) -> (String, serde_json::Value) {
+        let app = ["web", "db", "api"][variant % 3];
+        let ns = NAMESPACES[variant % 2];
+        let (key, kind, spec) = match which {
+            0 => (
+                format!("networkpolicies/{ns}/peer"),
+                "NetworkPolicy",
+                json!({"selector": format!("app == '{app}'"), "ingress": [
+                    {"action": "Allow", "protocol": "TCP", "source": {"selector": "app == 'web'"}, "destination": {"ports": [80]}},
+                    {"action": "Deny", "source": {"notSelector": "app == 'db'"}}]}),
+            ),
+            1 => (
+                "networkpolicies/default/local".to_owned(),
+                "NetworkPolicy",
+                json!({"selector": "all()", "ingress": [
+                    {"action": "Allow", "destination": {"selector": format!("app == '{app}'"), "ports": ["http"]}},
+                    {"action": "Allow", "source": {"nets": ["10.0.0.0/8"]}, "destination": {"nets": ["10.65.0.0/30"]}}]}),
+            ),
+            2 => (
+                "networkpolicies/default/named".to_owned(),
+                "NetworkPolicy",
+                json!({"selector": "has(app)", "egress": [
+                    {"action": "Allow", "protocol": "TCP", "destination": {"selector": format!("app != '{app}'"), "ports": ["http", 443]}},
+                    {"action": "Allow", "protocol": "TCP", "source": {"ports": ["http"]}}]}),
+            ),
+            3 => (
+                "globalnetworkpolicies/global".to_owned(),
+                "GlobalNetworkPolicy",
+                json!({"order": variant as f64, "selector": "all()", "namespaceSelector": format!("team == '{}'", variant % 2),
+                       "ingress": [{"action": "Allow", "source": {"namespaceSelector": "team == '1'", "selector": format!("app == '{app}'")}}],
+                       "egress": [{"action": "Deny", "destination": {"selector": "all()"}}]}),
+            ),
+            _ => (
+                format!("networkpolicies/{ns}/plain"),
+                "NetworkPolicy",
+                json!({"order": 5, "selector": "all()", "ingress": [{"action": "Allow", "protocol": "UDP", "destination": {"ports": [53 + variant as u16]}}]}),
+            ),
+        };
+        (
+            format!("/calico/resources/v3/projectcalico.org/{key}"),
+            json!({"kind": kind, "metadata": {"name": key.rsplit('/').next().unwrap(), "namespace": ns}, "spec": spec}),
+        )
+    }
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Wep {
+            pod: usize,
+            local: bool,
+            ip: u8,
+            app: usize,
+            port: Option<u16>,
+        },
+        WepGone(usize),
+        Pod {
+            pod: usize,
+            app: usize,
+            team: usize,
+        },
+        PodGone(usize),
+        Namespace {
+            ns: usize,
+            team: usize,
+        },
+        NamespaceGone(usize),
+        Policy {
+            which: usize,
+            variant: usize,
+        },
+        PolicyGone {
+            which: usize,
+            variant: usize,
+        },
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            4 => (0..PODS, any::<bool>(), 0u8..5, 0usize..4, proptest::option::of(8080u16..8083))
+                .prop_map(|(pod, local, ip, app, port)| Event::Wep { pod, local, ip, app, port }),
+            1 => (0..PODS).prop_map(Event::WepGone),
+            3 => (0..PODS, 0usize..4, 0usize..2).prop_map(|(pod, app, team)| Event::Pod { pod, app, team }),
+            1 => (0..PODS).prop_map(Event::PodGone),
+            1 => (0usize..2, 0usize..3).prop_map(|(ns, team)| Event::Namespace { ns, team }),
+            1 => (0usize..2).prop_map(Event::NamespaceGone),
+            3 => (0usize..5, 0usize..4).prop_map(|(which, variant)| Event::Policy { which, variant }),
+            1 => (0usize..5, 0usize..4).prop_map(|(which, variant)| Event::PolicyGone { which, variant }),
+        ]
+    }
+
+    const APPS: [&str; 4] = ["web", "db", "api", ""];
+    const NAMESPACES: [&str; 2] = ["default", "other"];
+
+    fn ns_of(pod: usize) -> &'static str {
+        NAMESPACES[pod % 2]
+    }
+
+    fn wep_key(pod: usize) -> String {
+        format!(
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/{}/node--x-k8s-p{pod}-eth0",
+            ns_of(pod)
+        )
+    }
+
+    fn apply(m: &mut Model, e: &Event) {
+        let put = |m: &mut Model, key: &str, v: serde_json::Value| {
+            m.apply(key, Some(v.to_string().as_bytes()));
+        };
+        match *e {
+            Event::Wep {
+                pod,
+                local,
+                ip,
+                app,
+                port,
+            } => {
+                let mut labels = serde_json::Map::new();
+                if !APPS[app].is_empty() {
+                    labels.insert("app".into(), json!(APPS[app]));
+                }
+                let ports: Vec<serde_json::Value> = port
+                    .map(|p| json!({"name": "http", "protocol": "TCP", "port": p}))
+                    .into_iter()
+                    .collect();
+                put(
+                    m,
+                    &wep_key(pod),
+                    json!({"metadata": {"name": "x", "namespace": ns_of(pod), "labels": labels},
+                    "spec": {"node": if local { "node-1" } else { "node-2" }, "pod": format!("p{pod}"),
+                             "interfaceName": format!("cali{pod}"), "mac": "02:00:00:00:00:01",
+                             // Addresses collide now and then, as they may in a broken cluster.
+                             "ipNetworks": [format!("10.65.0.{ip}/32")], "ports": ports}}),
+                );
+            }
+            Event::WepGone(pod) => m.apply(&wep_key(pod), None),
+            Event::Pod { pod, app, team } => {
+                let mut labels = serde_json::Map::new();
+                if !APPS[app].is_empty() {
+                    labels.insert("app".into(), json!(APPS[app]));
+                }
+                labels.insert("team".into(), json!(team.to_string()));
+                put(
+                    m,
+                    &format!("/calico/k8s/pods/{}/p{pod}", ns_of(pod)),
+                    json!({"metadata": {"name": format!("p{pod}"), "namespace": ns_of(pod), "labels": labels}, "spec": {}}),
+                );
+            }
+            Event::PodGone(pod) => {
+                m.apply(&format!("/calico/k8s/pods/{}/p{pod}", ns_of(pod)), None)
+            }
+            Event::Namespace { ns, team } => put(
+                m,
+                &format!(
+                    "/calico/resources/v3/projectcalico.org/profiles/kns.{}",
+                    NAMESPACES[ns]
+                ),
+                json!({"kind": "Profile", "metadata": {"name": format!("kns.{}", NAMESPACES[ns])},
+                       "spec": {"labelsToApply": {"team": team.to_string()}}}),
+            ),
+            Event::NamespaceGone(ns) => m.apply(
+                &format!(
+                    "/calico/resources/v3/projectcalico.org/profiles/kns.{}",
+                    NAMESPACES[ns]
+                ),
+                None,
+            ),
+            Event::Policy { which, variant } => {
+                let (key, v) = policy(which, variant);
+                put(m, &key, v);
+            }
+            Event::PolicyGone { which, variant } => m.apply(&policy(which, variant).0, None),
+        }
+    }
+
+    fn idx(name: &str) -> Option<u32> {
+        name.strip_prefix("cali")?
+            .parse::<u32>()
+            .ok()
+            .map(|i| i + 1)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn incremental_rules_equal_the_full_resolution(events in proptest::collection::vec(event(), 1..40)) {
+            let mut m = Model::default();
+            for (i, e) in events.iter().enumerate() {
+                apply(&mut m, e);
+                let cached = m.desired("node-1", idx);
+                let full = m.desired_uncached("node-1", idx);
+                prop_assert_eq!(&cached, &full, "after event {} ({:?})", i, e);
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_event_resolves_only_what_it_changed() {
+        let mut m = Model::default();
+        apply(
+            &mut m,
+            &Event::Policy {
+                which: 0,
+                variant: 0,
+            },
+        );
+        apply(
+            &mut m,
+            &Event::Policy {
+                which: 4,
+                variant: 0,
+            },
+        );
+        for pod in [0, 2] {
+            apply(
+                &mut m,
+                &Event::Wep {
+                    pod,
+                    local: true,
+                    ip: pod as u8,
+                    app: 0,
+                    port: None,
+                },
+            );
+        }
+        m.desired("node-1", idx);
+        let stats = |m: &Model| m.rule_cache.0.lock().unwrap().stats;
+        // A remote pod no selector picks: nothing is resolved again.
+        apply(
+            &mut m,
+            &Event::Wep {
+                pod: 1,
+                local: false,
+                ip: 9,
+                app: 2,
+                port: None,
+            },
+        );
+        m.desired("node-1", idx);
+        assert_eq!((stats(&m).resolved, stats(&m).reused), (0, 2));
+        // One that `app == 'web'` picks: the shared ingress list is resolved again, once.
+        apply(
+            &mut m,
+            &Event::Wep {
+                pod: 4,
+                local: false,
+                ip: 10,
+                app: 0,
+                port: None,
+            },
+        );
+        let d = m.desired("node-1", idx);
+        assert_eq!((stats(&m).resolved, stats(&m).reused), (1, 1));
+        assert_eq!(d, m.desired_uncached("node-1", idx));
+    }
+}
+
+/// Where an agent's time goes on endpoint events under many rules (run by hand:
+/// `PROFILE_RULES=100000 cargo test --release -p dataplane-user --lib profile_ -- --ignored --nocapture`).
+#[cfg(test)]
+mod profile {
+    use std::time::Instant;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn put(m: &mut Model, key: &str, v: serde_json::Value) {
+        m.apply(key, Some(v.to_string().as_bytes()));
+    }
+
+    fn wep(m: &mut Model, i: usize, node: &str, app: &str) {
+        let ip = Ipv4Addr::from(0x0a41_0000u32 + i as u32 + 2);
+        put(
+            m,
+            &format!(
+                "/calico/resources/v3/projectcalico.org/workloadendpoints/default/{}-k8s-p{i}-eth0",
+                node.replace('-', "--")
+            ),
+            json!({"metadata": {"name": "x", "namespace": "default", "labels": {"app": app}},
+                   "spec": {"node": node, "pod": format!("p{i}"), "interfaceName": format!("cali{i}"),
+                            "mac": "02:00:00:00:00:01", "ipNetworks": [format!("{ip}/32")]}}),
+        );
+    }
+
+    /// One policy of `n` rules selecting every pod: /32 peers on distinct ports, and every
+    /// tenth a selector peer (a set that endpoint events change).
+    fn policy(n: usize) -> serde_json::Value {
+        let rules: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                if i % 10 == 9 {
+                    json!({"action": "Allow", "protocol": "TCP",
+                           "source": {"selector": format!("app == 'g{}'", i / 10 % 5)},
+                           "destination": {"ports": [1000 + i % 20_000]}})
+                } else {
+                    json!({"action": "Allow", "protocol": "TCP",
+                           "source": {"nets": [format!("{}/32", Ipv4Addr::from(0x0ac8_0000u32 + i as u32))]},
+                           "destination": {"ports": [1000 + i % 20_000]}})
+                }
+            })
+            .collect();
+        json!({"kind": "NetworkPolicy", "metadata": {"name": "scale", "namespace": "default"},
+               "spec": {"selector": "all()", "types": ["Ingress"], "ingress": rules}})
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn profile_endpoint_events() {
+        let n: usize = std::env::var("PROFILE_RULES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        let events: usize = std::env::var("PROFILE_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        let local: usize = 20;
+        let mut m = Model::default();
+        for i in 0..local {
+            wep(&mut m, i, "node-1", &format!("g{}", i % 5));
+        }
+        let idx = |name: &str| {
+            name.strip_prefix("cali")?
+                .parse::<u32>()
+                .ok()
+                .map(|i| i + 1)
+        };
+        let stored = policy(n).to_string();
+        let t = Instant::now();
+        let p: crate::datastore::policy::NetworkPolicy = serde_json::from_str(&stored).unwrap();
+        let decode = t.elapsed();
+        let t = Instant::now();
+        resolve::Policy::parse(Some("default"), &p).unwrap();
+        let parse = t.elapsed();
+        let t = Instant::now();
+        m.apply(
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/scale",
+            Some(stored.as_bytes()),
+        );
+        println!(
+            "{n} rules ({} KiB stored): decode {decode:?}, parse {parse:?}, Model::apply (both) {:?}",
+            stored.len() / 1024,
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let d = m.desired("node-1", idx);
+        println!(
+            "first desired() with {local} local endpoints: {:?}",
+            t.elapsed()
+        );
+        let rules = d.rules.values().next().unwrap()[0].clone().unwrap();
+        let t = Instant::now();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&*rules, &mut h);
+        println!("hash one list of {} rules: {:?}", rules.len(), t.elapsed());
+        let t = Instant::now();
+        let e = compile::compile(1, &rules, MAX_ENTRIES_PER_POLICY).unwrap();
+        println!("compile it: {:?} ({} entries)", t.elapsed(), e.len());
+        let mut per_event = Vec::new();
+        for i in 0..events {
+            // Selected by no rule's selector: no address set changes.
+            wep(&mut m, 1000 + i, "node-2", "none");
+            let t = Instant::now();
+            std::hint::black_box(m.desired("node-1", idx));
+            per_event.push(t.elapsed());
+        }
+        per_event.sort();
+        println!(
+            "{events} remote endpoint events (no set changes): desired() p50 {:?}, max {:?}",
+            per_event[events / 2],
+            per_event[events - 1]
+        );
+        let mut per_event = Vec::new();
+        for i in 0..events {
+            // Another `g` label each time: two selectors' sets change.
+            let v = json!({"metadata": {"name": format!("p{}", i % local), "namespace": "default", "labels": {"app": format!("g{}", (i + 1 + i % local) % 5)}}, "spec": {}});
+            put(
+                &mut m,
+                &format!("/calico/k8s/pods/default/p{}", i % local),
+                v,
+            );
+            let t = Instant::now();
+            std::hint::black_box(m.desired("node-1", idx));
+            per_event.push(t.elapsed());
+        }
+        per_event.sort();
+        println!(
+            "{events} local relabel events (a set changes): desired() p50 {:?}, max {:?}",
+            per_event[events / 2],
+            per_event[events - 1]
+        );
     }
 }

@@ -62,6 +62,9 @@ pub enum CtlError {
     Conflict { kind: &'static str, name: String },
     #[error("format output: {0}")]
     Format(String),
+    /// A policy would give some endpoint more rules than the maps hold.
+    #[error("{0}; nothing was written")]
+    DoesNotFit(String),
 }
 
 fn ds_err(what: String) -> impl FnOnce(DatastoreError) -> CtlError {
@@ -87,6 +90,58 @@ pub fn read_manifests(path: &str) -> Result<Vec<manifest::Manifest>, CtlError> {
         path: path.to_owned(),
         source: Box::new(source),
     })
+}
+
+/// Refuses `manifests` when a policy among them would make some endpoint's compiled rules
+/// exceed `limit` entries (one endpoint direction) or a node's policy maps: the cluster is read
+/// from etcd, the manifests applied to it in memory, and every node's endpoints compiled as
+/// its agent would. Manifests without a policy are not checked.
+pub async fn check_fit(
+    ds: &Datastore,
+    manifests: &[manifest::Manifest],
+    limit: usize,
+) -> Result<(), CtlError> {
+    let applied: Vec<&manifest::Manifest> = manifests
+        .iter()
+        .filter(|m| matches!(m.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
+        .collect();
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let (entries, _) = ds.snapshot(crate::sync::PREFIX).await.map_err(ds_err(
+        "read the cluster to check that the policies fit".to_owned(),
+    ))?;
+    let mut model = crate::sync::Model::default();
+    for e in &entries {
+        model.apply(&e.key, Some(&e.value));
+    }
+    for m in manifests {
+        let v = serde_json::to_vec(&m.value).map_err(|e| CtlError::Format(e.to_string()))?;
+        model.apply(&m.key, Some(&v));
+    }
+    let ours = |name: &str| applied.iter().find(|m| m.display_name() == name).copied();
+    for f in model.policy_misfits(limit) {
+        let Some(m) = f.policies.iter().find_map(|p| ours(p)) else {
+            // Not this apply's doing: the agents report it.
+            continue;
+        };
+        let what = if f.endpoint.is_empty() {
+            format!("node {}", f.node)
+        } else {
+            format!(
+                "endpoint {} on node {} ({})",
+                f.endpoint, f.node, f.direction
+            )
+        };
+        return Err(CtlError::DoesNotFit(format!(
+            "{} {}: {what}: {} (policies: {})",
+            m.kind.name(),
+            m.display_name(),
+            f.reason,
+            f.policies.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// What [`apply`] did to one resource.

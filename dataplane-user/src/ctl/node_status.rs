@@ -60,6 +60,9 @@ pub struct AgentStatus {
     /// When it last reported, in ms since the Unix epoch, and how long ago that was.
     pub updated_at_ms: u64,
     pub age_ms: u64,
+    /// Endpoints whose policy rules do not fit the node's maps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_held: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +165,7 @@ pub async fn node_status(
                     lag: (etcd_revision - s.revision).max(0),
                     updated_at_ms: s.updated_at_ms,
                     age_ms: now.saturating_sub(s.updated_at_ms),
+                    policy_held: s.policy_held.clone(),
                 }),
                 local: this.then(|| local_state(bpffs_dir)),
                 this_node: this,
@@ -243,6 +247,18 @@ pub fn table(r: &NodeStatusReport) -> String {
         "etcd revision {}; * = this node ({})\n",
         r.etcd_revision, r.this_node
     ));
+    for n in &r.nodes {
+        let held = n.agent.as_ref().map_or(&[][..], |a| &a.policy_held[..]);
+        if !held.is_empty() {
+            out.push_str(&format!(
+                "\n{}: policy rules that do not fit the maps (not programmed):\n",
+                n.name
+            ));
+            for h in held {
+                out.push_str(&format!("  {h}\n"));
+            }
+        }
+    }
     if let Some(local) = r.nodes.iter().find_map(|n| n.local.as_ref()) {
         out.push_str(&format!(
             "\nThis node ({}), pins {}:\n",
@@ -313,6 +329,7 @@ mod tests {
                         lag: 2,
                         updated_at_ms: 1,
                         age_ms: 3_000,
+                        policy_held: Vec::new(),
                     }),
                     local: Some(LocalState {
                         bpffs_dir: "/sys/fs/bpf/dataplane".into(),

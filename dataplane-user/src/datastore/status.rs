@@ -20,6 +20,10 @@ pub struct NodeStatus {
     pub revision: i64,
     /// When the agent wrote this, in ms since the Unix epoch.
     pub updated_at_ms: u64,
+    /// Endpoints whose policy rules do not fit the maps (each with why and what it enforces
+    /// instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_held: Vec<String>,
 }
 
 impl NodeStatus {
@@ -29,6 +33,7 @@ impl NodeStatus {
             node: node.to_owned(),
             revision,
             updated_at_ms: now_ms(),
+            policy_held: Vec::new(),
         }
     }
 
@@ -63,6 +68,7 @@ mod tests {
             node: "node-1".into(),
             revision: 42,
             updated_at_ms: 1_000_000,
+            policy_held: Vec::new(),
         };
         assert_eq!(
             serde_json::to_value(&s).unwrap(),

@@ -2,5 +2,6 @@
 //! to the BPF policy maps.
 
 pub mod compile;
+pub mod incremental;
 pub mod resolve;
 pub mod selector;

@@ -15,9 +15,10 @@
 //!   the rule has a namespaceSelector.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use dataplane_common::verdict;
@@ -83,6 +84,11 @@ pub struct Policy {
     namespace_selector: Option<Selector>,
     ingress: Option<Vec<Rule>>,
     egress: Option<Vec<Rule>>,
+    /// Unique to this parse: two policies with the same uid have the same content (caches key
+    /// on it instead of hashing every rule).
+    pub uid: u64,
+    /// What the rules of each direction look at on the endpoint itself, at most.
+    local: [Local; 2],
 }
 
 fn opt_selector(s: &str) -> Result<Option<Selector>, String> {
@@ -164,14 +170,20 @@ fn rule(r: &crate::datastore::policy::Rule, origin: String) -> Result<Option<Rul
     }))
 }
 
-/// What of the endpoint itself a rule's local side looks at.
-enum Local {
+/// What of the endpoint itself a rule's local side looks at (ordered: what a policy looks at
+/// is the most any of its rules does).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Local {
+    #[default]
     Nothing,
     /// Only its named ports.
     NamedPorts,
     /// Its address, labels or namespace.
     Endpoint,
 }
+
+/// Source of [`Policy::uid`]: every parse gets a new one.
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 /// See [`Resolver::sharing_key`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -241,15 +253,26 @@ impl Policy {
                 .collect::<Result<Vec<_>, String>>()
                 .map(Some)
         };
+        let ingress = rules(PolicyType::Ingress, &p.spec.ingress)?;
+        let egress = rules(PolicyType::Egress, &p.spec.egress)?;
+        let looks = |list: &Option<Vec<Rule>>, ingress: bool| {
+            list.iter()
+                .flatten()
+                .map(|r| r.looks_at_local(ingress))
+                .max()
+                .unwrap_or_default()
+        };
         Ok(Self {
+            local: [looks(&ingress, true), looks(&egress, false)],
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             selector: opt_selector(&p.spec.selector)?.unwrap_or_else(Selector::all),
             namespace_selector: if global {
                 opt_selector(&p.spec.namespace_selector)?
             } else {
                 None
             },
-            ingress: rules(PolicyType::Ingress, &p.spec.ingress)?,
-            egress: rules(PolicyType::Egress, &p.spec.egress)?,
+            ingress,
+            egress,
             order: p.spec.order(),
             namespace,
             name,
@@ -258,7 +281,134 @@ impl Policy {
 }
 
 /// (scope namespace, selector, namespace selector) of a cached selection.
-type SelectionKey = (Option<String>, String, String);
+pub type SelectionKey = (Option<String>, String, String);
+
+/// A namespace's labels as selectors see them (its name included).
+pub fn namespace_labels(namespaces: &BTreeMap<String, Labels>, ns: &str) -> Labels {
+    let mut l = namespaces.get(ns).cloned().unwrap_or_default();
+    l.entry("kubernetes.io/metadata.name".to_owned())
+        .or_insert_with(|| ns.to_owned());
+    l
+}
+
+/// One selection kept across resolutions, with its members counted (two endpoints may share
+/// an address).
+#[derive(Debug)]
+struct Selection {
+    scope: Option<String>,
+    selector: Option<Selector>,
+    namespace_selector: Option<Selector>,
+    members: BTreeMap<Ipv4Addr, u32>,
+    addrs: Vec<Ipv4Net>,
+    version: u64,
+    used: bool,
+}
+
+impl Selection {
+    fn matches(&self, ep: &Endpoint, namespaces: &BTreeMap<String, Labels>) -> bool {
+        let in_scope = match &self.namespace_selector {
+            Some(s) => s.matches(&namespace_labels(namespaces, &ep.namespace)),
+            None => self.scope.as_deref().is_none_or(|ns| ns == ep.namespace),
+        };
+        in_scope && self.selector.as_ref().is_none_or(|s| s.matches(&ep.labels))
+    }
+}
+
+/// The address sets of selections, kept across resolutions and updated endpoint by endpoint
+/// ([`SelectionStore::update`]) instead of recomputed over every endpoint. Each set has a
+/// version that changes whenever its addresses do: what was resolved from a set is still
+/// right while its version is the same.
+#[derive(Debug, Default)]
+pub struct SelectionStore {
+    entries: RefCell<HashMap<SelectionKey, Selection>>,
+    versions: Cell<u64>,
+}
+
+impl SelectionStore {
+    fn next_version(&self) -> u64 {
+        let v = self.versions.get() + 1;
+        self.versions.set(v);
+        v
+    }
+
+    /// The version of a selection's set (`None`: not kept); marks it as in use.
+    pub fn version(&self, key: &SelectionKey) -> Option<u64> {
+        let mut entries = self.entries.borrow_mut();
+        let e = entries.get_mut(key)?;
+        e.used = true;
+        Some(e.version)
+    }
+
+    /// How many selections are kept.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every set (e.g. namespace labels changed: any could differ).
+    pub fn clear(&mut self) {
+        self.entries.get_mut().clear();
+    }
+
+    /// Endpoints went away (`removed`) and came (`added`; a changed endpoint is both): each
+    /// set is updated by looking at those only.
+    pub fn update(
+        &mut self,
+        removed: &[&Endpoint],
+        added: &[&Endpoint],
+        namespaces: &BTreeMap<String, Labels>,
+    ) {
+        let mut next = self.versions.get();
+        for sel in self.entries.get_mut().values_mut() {
+            let mut changed = false;
+            for ep in removed {
+                if sel.matches(ep, namespaces)
+                    && let Some(n) = sel.members.get_mut(&ep.ip)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        sel.members.remove(&ep.ip);
+                        changed = true;
+                    }
+                }
+            }
+            for ep in added {
+                if sel.matches(ep, namespaces) {
+                    let n = sel.members.entry(ep.ip).or_insert(0);
+                    changed |= *n == 0;
+                    *n += 1;
+                }
+            }
+            if changed {
+                sel.addrs = sel.members.keys().map(|a| Ipv4Net::from(*a)).collect();
+                next += 1;
+                sel.version = next;
+            }
+        }
+        self.versions.set(next);
+    }
+
+    /// Drops the sets not used since the last sweep.
+    pub fn sweep(&mut self) {
+        self.entries
+            .get_mut()
+            .retain(|_, s| std::mem::take(&mut s.used));
+    }
+}
+
+/// What one resolution read besides the policies and the endpoint: see
+/// [`Resolver::rules_for_tracked`].
+#[derive(Debug, Default)]
+pub struct Reads {
+    /// The selections whose address sets it used.
+    pub selections: Vec<SelectionKey>,
+    /// Whether it went through endpoints one by one (named ports on the peer side): any
+    /// endpoint change can change its result.
+    pub every_endpoint: bool,
+}
 
 /// Everything policy resolution looks at.
 pub struct Resolver<'a> {
@@ -267,6 +417,9 @@ pub struct Resolver<'a> {
     policies: Vec<&'a Policy>,
     /// Addresses matched by (scope namespace, selector, namespace selector).
     cache: RefCell<HashMap<SelectionKey, Vec<Ipv4Net>>>,
+    /// Kept across resolutions instead of `cache`, when given.
+    store: Option<&'a SelectionStore>,
+    reads: RefCell<Reads>,
 }
 
 impl<'a> Resolver<'a> {
@@ -287,14 +440,45 @@ impl<'a> Resolver<'a> {
             namespaces,
             policies,
             cache: RefCell::default(),
+            store: None,
+            reads: RefCell::default(),
         }
     }
 
+    /// A resolver whose selections live in `store` (which must hold sets of `endpoints` and
+    /// `namespaces`: kept up to date with [`SelectionStore::update`]).
+    pub fn with_store(
+        endpoints: &'a [Endpoint],
+        namespaces: &'a BTreeMap<String, Labels>,
+        policies: impl IntoIterator<Item = &'a Policy>,
+        store: &'a SelectionStore,
+    ) -> Self {
+        let mut r = Self::new(endpoints, namespaces, policies);
+        r.store = Some(store);
+        r
+    }
+
     fn ns_labels(&self, ns: &str) -> Labels {
-        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
-        l.entry("kubernetes.io/metadata.name".to_owned())
-            .or_insert_with(|| ns.to_owned());
-        l
+        namespace_labels(self.namespaces, ns)
+    }
+
+    /// The policies that apply to `ep` in one direction (with rules there), by uid in
+    /// evaluation order, and what their rules look at on the endpoint itself, at most.
+    pub fn applicable(&self, ep: &Endpoint, ingress: bool) -> (Vec<u64>, Local) {
+        let dir = usize::from(!ingress);
+        let mut local = Local::Nothing;
+        let uids = self
+            .policies
+            .iter()
+            .filter(|p| {
+                (if ingress { &p.ingress } else { &p.egress }).is_some() && self.applies(p, ep)
+            })
+            .map(|p| {
+                local = local.max(p.local[dir]);
+                p.uid
+            })
+            .collect();
+        (uids, local)
     }
 
     fn applies(&self, p: &Policy, ep: &Endpoint) -> bool {
@@ -336,14 +520,41 @@ impl<'a> Resolver<'a> {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
         );
+        let members = || {
+            self.in_scope(scope, namespace_selector)
+                .filter(|e| selector.is_none_or(|s| s.matches(&e.labels)))
+                .map(|e| e.ip)
+        };
+        if let Some(store) = self.store {
+            self.reads.borrow_mut().selections.push(key.clone());
+            let mut entries = store.entries.borrow_mut();
+            if let Some(sel) = entries.get_mut(&key) {
+                sel.used = true;
+                return sel.addrs.clone();
+            }
+            let mut counted: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+            for ip in members() {
+                *counted.entry(ip).or_default() += 1;
+            }
+            let addrs: Vec<Ipv4Net> = counted.keys().map(|a| Ipv4Net::from(*a)).collect();
+            entries.insert(
+                key,
+                Selection {
+                    scope: scope.map(str::to_owned),
+                    selector: selector.cloned(),
+                    namespace_selector: namespace_selector.cloned(),
+                    members: counted,
+                    addrs: addrs.clone(),
+                    version: store.next_version(),
+                    used: true,
+                },
+            );
+            return addrs;
+        }
         if let Some(v) = self.cache.borrow().get(&key) {
             return v.clone();
         }
-        let mut v: Vec<Ipv4Net> = self
-            .in_scope(scope, namespace_selector)
-            .filter(|e| selector.is_none_or(|s| s.matches(&e.labels)))
-            .map(|e| Ipv4Net::from(e.ip))
-            .collect();
+        let mut v: Vec<Ipv4Net> = members().map(Ipv4Net::from).collect();
         v.sort_unstable();
         v.dedup();
         self.cache.borrow_mut().insert(key, v.clone());
@@ -380,19 +591,18 @@ impl<'a> Resolver<'a> {
     pub fn sharing_key(&self, ep: &Endpoint, ingress: bool) -> Option<SharingKey> {
         let mut key = SharingKey::default();
         let mut named = false;
+        let dir = usize::from(!ingress);
         for (i, p) in self.policies.iter().enumerate() {
-            let Some(rules) = (if ingress { &p.ingress } else { &p.egress }) else {
+            if (if ingress { &p.ingress } else { &p.egress }).is_none() {
                 continue;
-            };
+            }
             if !self.applies(p, ep) {
                 continue;
             }
-            for r in rules {
-                match r.looks_at_local(ingress) {
-                    Local::Nothing => {}
-                    Local::NamedPorts => named = true,
-                    Local::Endpoint => return None,
-                }
+            match p.local[dir] {
+                Local::Nothing => {}
+                Local::NamedPorts => named = true,
+                Local::Endpoint => return None,
             }
             key.policies.push(i);
         }
@@ -402,6 +612,21 @@ impl<'a> Resolver<'a> {
                 .sort_by(|a, b| (&a.name, a.proto, a.port).cmp(&(&b.name, b.proto, b.port)));
         }
         Some(key)
+    }
+
+    /// [`Resolver::rules_for`], and what it read beyond the policies and `ep` (recorded only
+    /// with a [`SelectionStore`]).
+    pub fn rules_for_tracked(
+        &self,
+        ep: &Endpoint,
+        ingress: bool,
+    ) -> (Option<Vec<CompiledRule>>, Reads) {
+        self.reads.take();
+        let rules = self.rules_for(ep, ingress);
+        let mut reads = self.reads.take();
+        reads.selections.sort_unstable();
+        reads.selections.dedup();
+        (rules, reads)
     }
 
     /// The rules for `ep` in one direction; `None` when no policy applies to it there.
@@ -535,6 +760,7 @@ impl<'a> Resolver<'a> {
                     },
                 ));
             }
+            self.reads.borrow_mut().every_endpoint = true;
             let candidates: Vec<&Endpoint> = if selected {
                 self.in_scope(scope, peer.namespace_selector.as_ref())
                     .filter(|e| peer.selector.as_ref().is_none_or(|s| s.matches(&e.labels)))
