@@ -87,6 +87,16 @@ pub fn run_test(args: Args) -> Result<()> {
     let mut test = cargo(&["test", "--workspace", "--no-fail-fast"]);
     test.args(&args.cargo_test_args);
     steps.push(("test", test));
+    // The coverage-guided fuzz targets, a bounded slice (`cargo xtask fuzz --time` for more).
+    steps.push((
+        "fuzz",
+        cargo(&[
+            "xtask",
+            "fuzz",
+            "--time",
+            &crate::fuzz::CI_SECONDS.to_string(),
+        ]),
+    ));
     // The benches start the release `dataplane` binary, which `cargo run -p
     // dataplane-benches` does not build by itself.
     steps.push((
