@@ -32,7 +32,11 @@ const CODES: [u32; 14] = [
 ];
 
 fn check_error(e: &CniError) {
-    assert!(CODES.contains(&e.code), "code {} is not a known one: {e:?}", e.code);
+    assert!(
+        CODES.contains(&e.code),
+        "code {} is not a known one: {e:?}",
+        e.code
+    );
     assert!(!e.msg.is_empty(), "error without a message: {e:?}");
     assert!(
         SUPPORTED_VERSIONS.contains(&e.cni_version.as_str()),
@@ -50,10 +54,7 @@ fuzz_target!(|data: &[u8]| {
         None => (data, &[][..]),
     };
     let env_text = String::from_utf8_lossy(env_part);
-    let vars: Vec<(&str, &str)> = env_text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .collect();
+    let vars: Vec<(&str, &str)> = env_text.lines().filter_map(|l| l.split_once('=')).collect();
     // The last assignment of a name wins, as in a shell.
     let get = |k: &str| {
         vars.iter()
@@ -64,8 +65,7 @@ fuzz_target!(|data: &[u8]| {
     match parse_call(get, stdin) {
         Err(e) => check_error(&e),
         Ok(Call::Version(answer)) => {
-            let v: serde_json::Value =
-                serde_json::from_str(&answer).expect("VERSION answers JSON");
+            let v: serde_json::Value = serde_json::from_str(&answer).expect("VERSION answers JSON");
             let version = v["cniVersion"].as_str().expect("cniVersion in the answer");
             assert!(SUPPORTED_VERSIONS.contains(&version), "{answer}");
         }

@@ -29,7 +29,11 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Option<T> {
         Err(e) => {
             assert!(e.is_corrupt(), "{e}");
             let text = e.to_string();
-            assert!(text.contains(&raw.key), "error {text:?} does not name {}", raw.key);
+            assert!(
+                text.contains(&raw.key),
+                "error {text:?} does not name {}",
+                raw.key
+            );
             None
         }
     }
@@ -50,7 +54,12 @@ fn typed(key: &Key, raw: &RawValue) {
         }
         Key::WorkloadEndpoint { .. } => {
             if let Some(w) = decode::<WorkloadEndpoint>(raw) {
-                let _ = (w.key(), w.container_id(), w.interface_name(), w.ip_networks());
+                let _ = (
+                    w.key(),
+                    w.container_id(),
+                    w.interface_name(),
+                    w.ip_networks(),
+                );
             }
         }
         Key::Profile(_) => {
@@ -63,7 +72,13 @@ fn typed(key: &Key, raw: &RawValue) {
                 && b.validate(*cidr).is_ok()
             {
                 // What `ctl ipam show` and the allocator read from a block that passed.
-                let _ = (b.used(), b.free(), b.handles(), b.affine_node(), b.is_empty());
+                let _ = (
+                    b.used(),
+                    b.free(),
+                    b.handles(),
+                    b.affine_node(),
+                    b.is_empty(),
+                );
                 for o in 0..b.size().min(70) {
                     let a = b.addr(o);
                     assert_eq!(b.ordinal(a), Some(o));
@@ -73,7 +88,10 @@ fn typed(key: &Key, raw: &RawValue) {
                 }
                 let mut taken = b.clone();
                 let _ = taken.allocate("k8s-pod-network.fuzz", &Default::default());
-                assert!(taken.validate(*cidr).is_ok(), "allocate broke a valid block");
+                assert!(
+                    taken.validate(*cidr).is_ok(),
+                    "allocate broke a valid block"
+                );
                 let all: Vec<usize> = (0..taken.size()).collect();
                 taken.release(&all);
                 assert!(taken.validate(*cidr).is_ok(), "release broke a valid block");

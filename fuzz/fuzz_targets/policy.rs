@@ -160,7 +160,9 @@ fn port_in(set: &PortSet, p: u16) -> bool {
 }
 
 fn peer_in(set: &IpSet, peer: Ipv4Addr) -> bool {
-    set.all_of.iter().all(|l| l.iter().any(|n| n.contains(&peer)))
+    set.all_of
+        .iter()
+        .all(|l| l.iter().any(|n| n.contains(&peer)))
         && !set.none_of.iter().any(|n| n.contains(&peer))
 }
 

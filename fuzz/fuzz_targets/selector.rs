@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(s) => s,
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.starts_with("bad selector") && !e.reason.is_empty(), "{msg}");
+            assert!(
+                msg.starts_with("bad selector") && !e.reason.is_empty(),
+                "{msg}"
+            );
             return;
         }
     };
@@ -69,7 +72,11 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(h) = &has_first {
             let both = Selector::and(&sel, h);
-            assert_eq!(both.matches(labels), m && h.matches(labels), "{both} on {labels:?}");
+            assert_eq!(
+                both.matches(labels),
+                m && h.matches(labels),
+                "{both} on {labels:?}"
+            );
         }
     }
 });

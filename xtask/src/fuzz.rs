@@ -34,6 +34,11 @@ pub struct Args {
     /// Run the targets already built (skip `cargo fuzz build`).
     #[arg(long)]
     no_build: bool,
+
+    /// Build without optimisations (`cargo fuzz build --dev`): a fresh build takes a fraction
+    /// of the time, each execution is slower. What `cargo xtask test` uses.
+    #[arg(long)]
+    dev: bool,
 }
 
 /// What one run of a target found, read from libFuzzer's output.
@@ -60,24 +65,35 @@ pub fn run_fuzz(args: Args) -> Result<()> {
             .filter(|t| args.targets.iter().any(|a| a == t))
             .collect()
     };
-    fuzz(&targets, args.time, !args.no_build)
+    fuzz(&targets, args.time, !args.no_build, args.dev)
 }
 
-/// Builds (when `build`) and runs `targets` for `secs` each; fails when any crashed.
-pub fn fuzz(targets: &[&str], secs: u64, build: bool) -> Result<()> {
+/// Builds (when `build`; unoptimised when `dev`) and runs `targets` for `secs` each; fails
+/// when any crashed.
+pub fn fuzz(targets: &[&str], secs: u64, build: bool, dev: bool) -> Result<()> {
     if which("cargo-fuzz").is_none() {
-        bail!("cargo-fuzz is not installed: run `cargo xtask setup` (or `cargo install --locked cargo-fuzz`)");
+        bail!(
+            "cargo-fuzz is not installed: run `cargo xtask setup` (or `cargo install --locked cargo-fuzz`)"
+        );
     }
     let dir = workspace_root().join("fuzz");
     if build {
         let start = Instant::now();
-        run(cargo_fuzz().args(["build", "--debug-assertions"]).args(targets))
-            .context("build the fuzz targets")?;
+        // cargo-fuzz builds one target or all of them.
+        let mut command = cargo_fuzz();
+        command.args(["build", "--debug-assertions"]);
+        if dev {
+            command.arg("--dev");
+        }
+        if let [one] = targets {
+            command.arg(one);
+        }
+        run(&mut command).context("build the fuzz targets")?;
         println!("built in {}", format_duration(start.elapsed()));
     }
     let mut results = Vec::new();
     for target in targets {
-        let stats = run_target(&dir, target, secs)?;
+        let stats = run_target(&dir, target, secs, dev)?;
         results.push((*target, stats));
     }
     println!();
@@ -100,7 +116,11 @@ pub fn fuzz(targets: &[&str], secs: u64, build: bool) -> Result<()> {
     }
     let crashed: Vec<String> = results
         .iter()
-        .flat_map(|(t, s)| s.crashes.iter().map(move |c| format!("{t}: {}", c.display())))
+        .flat_map(|(t, s)| {
+            s.crashes
+                .iter()
+                .map(move |c| format!("{t}: {}", c.display()))
+        })
         .collect();
     if !crashed.is_empty() {
         bail!(
@@ -120,13 +140,15 @@ fn cargo_fuzz() -> std::process::Command {
 
 /// Runs one target's binary for `secs` on its seeds and its growing corpus; its output goes to
 /// `fuzz/logs/<target>.log` and is summed up from there.
-fn run_target(dir: &Path, target: &str, secs: u64) -> Result<Stats> {
+fn run_target(dir: &Path, target: &str, secs: u64, dev: bool) -> Result<Stats> {
+    let profile = if dev { "debug" } else { "release" };
     let binary = dir
-        .join("target/x86_64-unknown-linux-gnu/release")
+        .join("target/x86_64-unknown-linux-gnu")
+        .join(profile)
         .join(target);
     if !binary.is_file() {
         bail!(
-            "{} is missing: build it with `cargo xtask fuzz` (without --no-build)",
+            "{} is missing: build it with `cargo xtask fuzz` (without --no-build, with the same --dev)",
             binary.display()
         );
     }
@@ -139,13 +161,17 @@ fn run_target(dir: &Path, target: &str, secs: u64) -> Result<Stats> {
     }
     let before = reproducers(&artifacts)?;
     let log_path = logs.join(format!("{target}.log"));
-    let log = fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
     let mut command = cmd(&binary);
     command
         .arg(&corpus)
         .arg(&seeds)
         .arg(format!("-max_total_time={secs}"))
-        .arg(format!("-dict={}", dir.join("dict").join(format!("{target}.dict")).display()))
+        .arg(format!(
+            "-dict={}",
+            dir.join("dict").join(format!("{target}.dict")).display()
+        ))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         // One input taking longer than this is a hang worth a reproducer.
         .arg("-timeout=10")
@@ -204,7 +230,10 @@ fn reproducers(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if ["crash-", "leak-", "timeout-", "oom-"]
             .iter()
             .any(|p| name.starts_with(p))

@@ -55,7 +55,9 @@ pub fn run_setup() -> Result<()> {
 /// cargo-fuzz, which builds the fuzz targets of `fuzz/` (`cargo xtask fuzz`). From crates.io
 /// with its lock file; about 2.5 minutes to build here.
 fn cargo_fuzz() -> Result<()> {
-    if which("cargo-fuzz").is_some_and(|p| probe(cmd(p).arg("--version")).is_some_and(|o| o.status.success())) {
+    if which("cargo-fuzz")
+        .is_some_and(|p| probe(cmd(p).arg("--version")).is_some_and(|o| o.status.success()))
+    {
         println!("ok: cargo-fuzz already present");
         return Ok(());
     }

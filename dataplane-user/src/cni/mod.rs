@@ -39,7 +39,9 @@ pub struct Outcome {
 pub fn invoke(kind: PluginKind, env_var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     let result = match request::parse_call(env_var, stdin) {
         Ok(Call::Version(answer)) => Ok(Some(answer)),
-        Ok(Call::Command(req)) => run(kind, &req, stdin).map_err(|e| e.version(&req.conf.cni_version)),
+        Ok(Call::Command(req)) => {
+            run(kind, &req, stdin).map_err(|e| e.version(&req.conf.cni_version))
+        }
         Err(e) => Err(e),
     };
     match result {

@@ -497,9 +497,10 @@ impl Context<'_> {
 
     async fn check(&self) -> Result<(), CniError> {
         // The variables and prevResult were checked by `request::parse_call`.
-        let ip = self.req.prev_ip.ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, "prevResult has no IPv4 address")
-        })?;
+        let ip = self
+            .req
+            .prev_ip
+            .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "prevResult has no IPv4 address"))?;
         self.netns_must_exist()?;
         let ds = self.datastore().await?;
         if self.req.ours(self.kind)? {

@@ -35,7 +35,10 @@ pub struct Request {
 
 /// Reads a call from the environment (`env_var`) and stdin. An error carries the config's
 /// version once the config has one.
-pub fn parse_call(env_var: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Call, CniError> {
+pub fn parse_call(
+    env_var: impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+) -> Result<Call, CniError> {
     let env = Env::from_vars(&env_var)?;
     if env.command == "VERSION" {
         return Ok(Call::Version(version_answer(stdin)));
@@ -228,7 +231,10 @@ impl Request {
             return Ok(opts);
         };
         let bad = |what: &str, v: &serde_json::Value| {
-            CniError::new(code::INVALID_CONFIG, format!("ipam.{what} {v} is not usable"))
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("ipam.{what} {v} is not usable"),
+            )
         };
         if let Some(v) = ipam.get("cidr") {
             opts.cidr = v
@@ -318,7 +324,12 @@ mod tests {
         }));
         let o = r.pool_options().unwrap();
         assert_eq!(
-            (o.cidr.to_string(), o.block_size, o.ipip_mode, o.nat_outgoing),
+            (
+                o.cidr.to_string(),
+                o.block_size,
+                o.ipip_mode,
+                o.nat_outgoing
+            ),
             (
                 "10.70.0.0/16".to_owned(),
                 28,
@@ -333,6 +344,9 @@ mod tests {
         let stdin = br#"{"cniVersion":"0.4.0","type":"dataplane"}"#;
         let env = |k: &str| (k == "CNI_COMMAND").then(|| "CHECK".to_owned());
         let e = parse_call(env, stdin).unwrap_err();
-        assert_eq!((e.code, e.cni_version.as_str()), (code::INVALID_ENV, "0.4.0"));
+        assert_eq!(
+            (e.code, e.cni_version.as_str()),
+            (code::INVALID_ENV, "0.4.0")
+        );
     }
 }
