@@ -20,7 +20,7 @@ pub enum Call {
     /// VERSION: the answer to print (it needs no config).
     Version(String),
     /// ADD, DEL, CHECK, STATUS or GC, with its input checked.
-    Command(Request),
+    Command(Box<Request>),
 }
 
 /// A command's input, checked: the variables it requires are set, the config decodes and
@@ -46,7 +46,7 @@ pub fn parse_call(
     let conf = parse_conf(stdin)?;
     let version = conf.cni_version.clone();
     check_command(&env, &conf)
-        .and_then(|prev_ip| Ok(Call::Command(Request { env, conf, prev_ip })))
+        .map(|prev_ip| Call::Command(Box::new(Request { env, conf, prev_ip })))
         .map_err(|e| e.version(&version))
 }
 
@@ -298,7 +298,7 @@ mod tests {
             .map(str::to_owned)
         };
         match parse_call(env, stdin.as_bytes()).unwrap() {
-            Call::Command(r) => r,
+            Call::Command(r) => *r,
             Call::Version(v) => panic!("{v}"),
         }
     }
