@@ -35,8 +35,8 @@ pub struct Args {
     #[arg(long)]
     no_build: bool,
 
-    /// Build without optimisations (`cargo fuzz build --dev`): a fresh build takes a fraction
-    /// of the time, each execution is slower. What `cargo xtask test` uses.
+    /// Build without optimisations (`cargo fuzz build --dev`): a fresh build takes about half
+    /// the CPU time, each execution is several times slower. What `cargo xtask test` uses.
     #[arg(long)]
     dev: bool,
 }

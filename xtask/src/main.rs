@@ -41,7 +41,7 @@ enum Command {
     ///
     /// Steps: setup; `cargo fmt --check`; clippy on the workspace and (nightly, bpfel target) on
     /// the eBPF crate, with warnings denied; `cargo build --workspace --all-targets`;
-    /// `cargo test --workspace --no-fail-fast`; `cargo xtask fuzz --time 20` (every fuzz target
+    /// `cargo test --workspace --no-fail-fast`; `cargo xtask fuzz --dev --time 20` (every fuzz target
     /// 20 s); `cargo run --release -p dataplane-benches -- --quick`. Every step runs even after a failure; the summary lists each step's duration
     /// and PASS/FAIL, and the exit status is non-zero if any step failed. Must run as root.
     Test(test::Args),
