@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -32,15 +33,16 @@ enum Command {
     /// "installing X". Checks the nightly toolchain (installs it if possible), its rust-src and
     /// clippy components, the libLLVM.so symlink in its sysroot, bpf-linker (built against the
     /// nightly's own LLVM), and the Debian packages the tests use (etcd, iproute2, iptables,
-    /// ipset, iperf3, bpftool, tcpdump, CNI plugins, protoc, procps), and kubernetes-validate
-    /// (PyPI, in a venv under /opt/dataplane-tools) for the deploy/ manifests' schema test.
+    /// ipset, iperf3, bpftool, tcpdump, CNI plugins, protoc, procps, g++ for libFuzzer),
+    /// kubernetes-validate (PyPI, in a venv under /opt/dataplane-tools) for the deploy/
+    /// manifests' schema test, and cargo-fuzz (`cargo install --locked`) for `xtask fuzz`.
     Setup,
     /// Run setup, lints, build, all tests and a benchmark smoke run, then print a summary (root).
     ///
     /// Steps: setup; `cargo fmt --check`; clippy on the workspace and (nightly, bpfel target) on
     /// the eBPF crate, with warnings denied; `cargo build --workspace --all-targets`;
-    /// `cargo test --workspace --no-fail-fast`; `cargo run --release -p dataplane-benches --
-    /// --quick`. Every step runs even after a failure; the summary lists each step's duration
+    /// `cargo test --workspace --no-fail-fast`; `cargo xtask fuzz --dev --time 20` (every fuzz target
+    /// 20 s); `cargo run --release -p dataplane-benches -- --quick`. Every step runs even after a failure; the summary lists each step's duration
     /// and PASS/FAIL, and the exit status is non-zero if any step failed. Must run as root.
     Test(test::Args),
     /// Run setup, build the workspace and run the demo: a cluster in a box (root).
@@ -52,6 +54,17 @@ enum Command {
     ///
     /// Runs `cargo run --release -p dataplane-benches -- <BENCH_ARGS>`. Must run as root.
     Bench(bench::Args),
+    /// Build the coverage-guided fuzz targets (fuzz/, cargo-fuzz + nightly) and run each for a
+    /// bounded time.
+    ///
+    /// Targets: cni_stdin (CNI environment + stdin), selector (Calico selectors), policy
+    /// (ctl apply documents compiled into the policy tries), etcd_value (every datastore
+    /// decoder on any key and bytes). Prints per target the executions run, exec/s, coverage
+    /// and crashes; a crash fails the command and names the reproducer under
+    /// fuzz/artifacts/<target>/. Examples: `cargo xtask fuzz` (all, 60 s each);
+    /// `cargo xtask fuzz --target policy --time 600`; replay a reproducer with
+    /// `cargo +nightly fuzz run policy fuzz/artifacts/policy/crash-…`.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +74,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run_test(args),
         Command::Demo(args) => demo::run_demo(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::Fuzz(args) => fuzz::run_fuzz(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

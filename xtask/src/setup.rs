@@ -30,6 +30,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // libFuzzer (built by the fuzz targets' libfuzzer-sys) is C++.
+    "g++",
 ];
 
 /// Components the nightly toolchain needs: `rust-src` for `-Z build-std=core`, clippy for the
@@ -46,7 +48,21 @@ pub fn run_setup() -> Result<()> {
     bpf_linker(&sysroot).context("setup: bpf-linker")?;
     debian_packages().context("setup: Debian packages")?;
     kubernetes_validate().context("setup: kubernetes-validate")?;
+    cargo_fuzz().context("setup: cargo-fuzz")?;
     Ok(())
+}
+
+/// cargo-fuzz, which builds the fuzz targets of `fuzz/` (`cargo xtask fuzz`). From crates.io
+/// with its lock file; about 2.5 minutes to build here.
+fn cargo_fuzz() -> Result<()> {
+    if which("cargo-fuzz")
+        .is_some_and(|p| probe(cmd(p).arg("--version")).is_some_and(|o| o.status.success()))
+    {
+        println!("ok: cargo-fuzz already present");
+        return Ok(());
+    }
+    println!("installing cargo-fuzz");
+    run(cmd("cargo").args(["install", "--locked", "cargo-fuzz"]))
 }
 
 /// The offline Kubernetes schema validator the deploy/ test runs (PyPI `kubernetes-validate`,

@@ -6,12 +6,13 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 use tracing::{info, warn};
 
 use super::{
-    OUR_IPAM, PluginKind, delegate,
+    PluginKind, delegate,
     netsetup::{self, GATEWAY, NetError},
+    request::Request,
     types::{CniError, CniResult, Env, Interface, IpConfig, NetConf, Route, code},
 };
 use crate::{
-    datastore::{self, Datastore, DatastoreError, EtcdConfig},
+    datastore::{self, Datastore, DatastoreError},
     ipam::{AssignRequest, Ipam, IpamConfig, IpamError},
 };
 
@@ -81,17 +82,17 @@ impl IpamLock {
 
 pub(super) async fn run(
     kind: PluginKind,
-    env: &Env,
-    conf: &NetConf,
+    req: &Request,
     raw: &[u8],
 ) -> Result<Option<String>, CniError> {
     let cx = Context {
         kind,
-        env,
-        conf,
+        req,
+        env: &req.env,
+        conf: &req.conf,
         raw,
     };
-    match env.command.as_str() {
+    match req.env.command.as_str() {
         "ADD" => cx.add().await.map(Some),
         "DEL" => cx.del().await.map(|()| None),
         "CHECK" => cx.check().await.map(|()| None),
@@ -106,6 +107,7 @@ pub(super) async fn run(
 
 struct Context<'a> {
     kind: PluginKind,
+    req: &'a Request,
     env: &'a Env,
     conf: &'a NetConf,
     raw: &'a [u8],
@@ -162,73 +164,8 @@ impl Context<'_> {
         local_node_name()
     }
 
-    fn ipam_type(&self) -> Result<String, CniError> {
-        self.conf
-            .ipam
-            .as_ref()
-            .and_then(|i| i.get("type"))
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "ipam.type is required"))
-    }
-
-    /// `ipam.strict_affinity: true` forbids borrowing addresses from other nodes' blocks.
-    fn ipam_config(&self) -> IpamConfig {
-        let strict = self
-            .conf
-            .ipam
-            .as_ref()
-            .and_then(|i| i.get("strict_affinity"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        IpamConfig {
-            strict_affinity: strict,
-            ..IpamConfig::default()
-        }
-    }
-
-    fn ours(&self) -> Result<bool, CniError> {
-        Ok(self.kind == PluginKind::Ipam || self.ipam_type()? == OUR_IPAM)
-    }
-
-    fn handle_id(&self) -> String {
-        format!("k8s-pod-network.{}", self.env.container_id)
-    }
-
-    fn host_veth(&self) -> String {
-        netsetup::host_veth_name(self.env.pod(), &self.env.container_id)
-    }
-
-    fn etcd_config(&self) -> Result<EtcdConfig, CniError> {
-        let endpoints: Vec<String> = self
-            .conf
-            .etcd_endpoints
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if endpoints.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                "etcd_endpoints is required",
-            ));
-        }
-        let file = |f: &Option<String>| f.as_deref().filter(|s| !s.is_empty()).map(Into::into);
-        Ok(EtcdConfig {
-            endpoints,
-            ca_file: file(&self.conf.etcd_ca_cert_file),
-            cert_file: file(&self.conf.etcd_cert_file),
-            key_file: file(&self.conf.etcd_key_file),
-            timeout: Duration::from_secs(5),
-        })
-    }
-
     async fn datastore(&self) -> Result<Datastore, CniError> {
-        let cfg = self.etcd_config()?;
+        let cfg = self.req.etcd_config()?;
         Datastore::connect(&cfg)
             .await
             .map_err(ds_err("connect to etcd"))
@@ -245,45 +182,10 @@ impl Context<'_> {
         }
     }
 
-    fn pool_options(&self) -> datastore::DefaultPoolOptions {
-        let mut opts = datastore::DefaultPoolOptions::default();
-        // The seed's pool options under ipam: {"ipip": {"enabled": …, "mode": …},
-        // "nat-outgoing": …, "cidr": …, "blockSize": …}.
-        if let Some(ipam) = &self.conf.ipam {
-            if let Some(cidr) = ipam.get("cidr").and_then(|v| v.as_str())
-                && let Ok(net) = cidr.parse()
-            {
-                opts.cidr = net;
-            }
-            if let Some(b) = ipam.get("blockSize").and_then(|v| v.as_u64()) {
-                opts.block_size = b as u8;
-            }
-            if let Some(ipip) = ipam.get("ipip") {
-                let enabled = ipip
-                    .get("enabled")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(true);
-                let mode = ipip
-                    .get("mode")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("always");
-                opts.ipip_mode = match (enabled, mode.to_ascii_lowercase().as_str()) {
-                    (false, _) => datastore::IpipMode::Never,
-                    (true, "cross-subnet" | "crosssubnet") => datastore::IpipMode::CrossSubnet,
-                    (true, _) => datastore::IpipMode::Always,
-                };
-            }
-            if let Some(nat) = ipam.get("nat-outgoing").and_then(|v| v.as_bool()) {
-                opts.nat_outgoing = nat;
-            }
-        }
-        opts
-    }
-
     /// Assigns the pod's address: ours in-process, or through the delegate.
     async fn assign(&self, ds: &Datastore, node: &str) -> Result<Ipv4Addr, CniError> {
-        if !self.ours()? {
-            let plugin = self.ipam_type()?;
+        if !self.req.ours(self.kind)? {
+            let plugin = self.req.ipam_type()?;
             let result = delegate::add(self.env, &plugin, self.raw)?;
             return result.first_ipv4().ok_or_else(|| {
                 CniError::new(
@@ -293,11 +195,11 @@ impl Context<'_> {
             });
         }
         let _lock = IpamLock::acquire(node)?;
-        ds.ensure_default_pool(&self.pool_options())
+        ds.ensure_default_pool(&self.req.pool_options()?)
             .await
             .map_err(ds_err("create the default IP pool"))?;
-        let ipam = Ipam::new(ds, self.ipam_config());
-        let handle = self.handle_id();
+        let ipam = Ipam::new(ds, self.req.ipam_config());
+        let handle = self.req.handle_id();
         // A retried ADD of the same container gets the address it already holds.
         if let Some(held) = ipam
             .check_handle(&handle)
@@ -326,25 +228,23 @@ impl Context<'_> {
 
     /// Releases what `assign` took; idempotent.
     async fn release(&self, ds: &Datastore) -> Result<(), CniError> {
-        if self.ours()? {
+        if self.req.ours(self.kind)? {
             let _lock = IpamLock::acquire(&self.node())?;
             let ipam = Ipam::new(ds, IpamConfig::default());
             let released = ipam
-                .release_by_handle(&self.handle_id())
+                .release_by_handle(&self.req.handle_id())
                 .await
                 .map_err(ipam_err("release the pod's address"))?;
             if !released.is_empty() {
-                info!(handle = %self.handle_id(), ?released, "released");
+                info!(handle = %self.req.handle_id(), ?released, "released");
             }
             Ok(())
         } else {
-            delegate::exec(self.env, &self.ipam_type()?, "DEL", self.raw).map(|_| ())
+            delegate::exec(self.env, &self.req.ipam_type()?, "DEL", self.raw).map(|_| ())
         }
     }
 
     async fn add(&self) -> Result<String, CniError> {
-        self.env
-            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
         self.netns_must_exist()?;
         let node = self.node();
         if node.is_empty() {
@@ -393,7 +293,7 @@ impl Context<'_> {
         node: &str,
         ip: Ipv4Addr,
     ) -> Result<String, CniError> {
-        let host = self.host_veth();
+        let host = self.req.host_veth();
         let mtu = self.conf.mtu.unwrap_or(DEFAULT_MTU);
         let netns = Path::new(&self.env.netns);
         let t = std::time::Instant::now();
@@ -568,20 +468,11 @@ impl Context<'_> {
         })
     }
 
-    fn endpoint_key(&self, node: &str) -> String {
-        let (namespace, pod) = match self.env.pod() {
-            Some((ns, pod)) => (ns.to_owned(), pod.to_owned()),
-            None => ("default".to_owned(), self.env.container_id.clone()),
-        };
-        datastore::keys::workload_endpoint(&namespace, node, &pod, &self.env.ifname)
-    }
-
     async fn del(&self) -> Result<(), CniError> {
-        self.env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
         let node = self.node();
         let ds = self.datastore().await?;
         if self.kind == PluginKind::Main {
-            let key = self.endpoint_key(&node);
+            let key = self.req.endpoint_key(&node);
             let wep = ds
                 .get_workload_endpoint(&key)
                 .await
@@ -594,7 +485,7 @@ impl Context<'_> {
                 // the new one's. Only this container's address is ours to release.
                 info!(%key, "endpoint belongs to a newer container; leaving it");
             } else {
-                let host = self.host_veth();
+                let host = self.req.host_veth();
                 netsetup::delete_host_veth(&host).map_err(net_err("delete the veth"))?;
                 ds.delete_workload_endpoint_if(&key, &self.env.container_id)
                     .await
@@ -605,42 +496,36 @@ impl Context<'_> {
     }
 
     async fn check(&self) -> Result<(), CniError> {
-        self.env
-            .require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
-        let prev = self.conf.prev_result.as_ref().ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, "prevResult is required for CHECK")
-        })?;
-        let prev: CniResult = serde_json::from_value(prev.clone()).map_err(|e| {
-            CniError::new(code::DECODE, "prevResult is not a CNI result").details(e.to_string())
-        })?;
-        let ip = prev
-            .first_ipv4()
+        // The variables and prevResult were checked by `request::parse_call`.
+        let ip = self
+            .req
+            .prev_ip
             .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "prevResult has no IPv4 address"))?;
         self.netns_must_exist()?;
         let ds = self.datastore().await?;
-        if self.ours()? {
+        if self.req.ours(self.kind)? {
             let ipam = Ipam::new(&ds, IpamConfig::default());
             let held = ipam
-                .check_handle(&self.handle_id())
+                .check_handle(&self.req.handle_id())
                 .await
                 .map_err(ipam_err("read the IPAM handle"))?
                 .unwrap_or_default();
             if !held.contains(&ip) {
                 return Err(CniError::new(
                     code::CHECK_FAILED,
-                    format!("{ip} is not allocated to {}", self.handle_id()),
+                    format!("{ip} is not allocated to {}", self.req.handle_id()),
                 ));
             }
         } else {
-            delegate::exec(self.env, &self.ipam_type()?, "CHECK", self.raw)?;
+            delegate::exec(self.env, &self.req.ipam_type()?, "CHECK", self.raw)?;
         }
         if self.kind == PluginKind::Ipam {
             return Ok(());
         }
-        let host = self.host_veth();
+        let host = self.req.host_veth();
         netsetup::check(Path::new(&self.env.netns), &self.env.ifname, &host, ip)
             .map_err(|e| CniError::new(code::CHECK_FAILED, crate::error_chain(&e)))?;
-        let key = self.endpoint_key(&self.node());
+        let key = self.req.endpoint_key(&self.node());
         let wep = ds
             .get_workload_endpoint(&key)
             .await
@@ -672,7 +557,7 @@ impl Context<'_> {
             .datastore()
             .await
             .map_err(|e| not_available(e.to_string()))?;
-        if self.ours()? {
+        if self.req.ours(self.kind)? {
             let ipam = Ipam::new(&ds, IpamConfig::default());
             if !ipam
                 .has_free_address()
@@ -688,13 +573,7 @@ impl Context<'_> {
     }
 
     async fn gc(&self) -> Result<(), CniError> {
-        let valid: std::collections::HashSet<String> = self
-            .conf
-            .valid_attachments
-            .as_ref()
-            .or(self.conf.attachments.as_ref())
-            .map(|a| a.iter().map(|a| a.container_id.clone()).collect())
-            .unwrap_or_default();
+        let valid = self.req.valid_containers();
         let node = self.node();
         let ds = self.datastore().await?;
         // Endpoints of this node whose container the runtime no longer knows.
@@ -714,7 +593,7 @@ impl Context<'_> {
                 .map_err(ds_err("delete a stale WorkloadEndpoint"))?;
         }
         // Allocations of this node whose container is gone, with or without an endpoint.
-        if self.ours()? {
+        if self.req.ours(self.kind)? {
             let ipam = Ipam::new(&ds, IpamConfig::default());
             for handle in ipam
                 .handles_of_node(&node)

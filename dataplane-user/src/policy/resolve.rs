@@ -99,8 +99,11 @@ fn opt_selector(s: &str) -> Result<Option<Selector>, String> {
     }
 }
 
+/// The IPv4 nets of `list`. IPv6 nets (which `ctl apply` accepts, as Calico does) are left
+/// out: this dataplane polices IPv4 only, and no IPv4 address is inside one.
 fn nets(list: &[String]) -> Result<Vec<Ipv4Net>, String> {
     list.iter()
+        .filter(|n| n.parse::<ipnet::Ipv6Net>().is_err())
         .map(|n| {
             n.parse::<Ipv4Net>()
                 .or_else(|_| n.parse::<Ipv4Addr>().map(Ipv4Net::from))
@@ -110,19 +113,24 @@ fn nets(list: &[String]) -> Result<Vec<Ipv4Net>, String> {
         .collect()
 }
 
-fn entity(e: &EntityRule) -> Result<Entity, String> {
+/// `None` when the side can match no IPv4 address: its `nets` are all IPv6.
+fn entity(e: &EntityRule) -> Result<Option<Entity>, String> {
     let ports = |l: &[crate::datastore::policy::Port]| -> Result<Vec<PortMatch>, String> {
         l.iter().map(|p| p.parse()).collect()
     };
-    Ok(Entity {
-        nets: nets(&e.nets)?,
+    let v4 = nets(&e.nets)?;
+    if v4.is_empty() && !e.nets.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Entity {
+        nets: v4,
         not_nets: nets(&e.not_nets)?,
         selector: opt_selector(&e.selector)?,
         not_selector: opt_selector(&e.not_selector)?,
         namespace_selector: opt_selector(&e.namespace_selector)?,
         ports: ports(&e.ports)?,
         not_ports: ports(&e.not_ports)?,
-    })
+    }))
 }
 
 fn icmp_range(t: Option<u8>, c: Option<u8>) -> Option<(u16, u16)> {
@@ -160,12 +168,16 @@ fn rule(r: &crate::datastore::policy::Rule, origin: String) -> Result<Option<Rul
     {
         icmp.none_of.push(range);
     }
+    // A side whose nets are all IPv6 matches no IPv4 packet: neither does the rule.
+    let (Some(source), Some(destination)) = (entity(&r.source)?, entity(&r.destination)?) else {
+        return Ok(None);
+    };
     Ok(Some(Rule {
         action,
         proto,
         icmp,
-        source: entity(&r.source)?,
-        destination: entity(&r.destination)?,
+        source,
+        destination,
         origin,
     }))
 }
@@ -796,5 +808,57 @@ impl<'a> Resolver<'a> {
             terms,
             origin: r.origin.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(spec: serde_json::Value) -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "kind": "NetworkPolicy",
+            "apiVersion": "projectcalico.org/v3",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ipv6_nets_match_no_ipv4_address_and_do_not_void_the_policy() {
+        // Found by the `policy` fuzz target: ctl accepted a rule naming an IPv6 net and the
+        // agent then skipped the whole policy ("bad net"), leaving its endpoints open.
+        let p = policy(serde_json::json!({
+            "selector": "all()",
+            "types": ["Ingress"],
+            "ingress": [
+                {"action": "Deny", "source": {"nets": ["fd00::/64"]}},
+                {"action": "Deny", "source": {"nets": ["fd00::/64", "10.0.0.0/8"]}},
+                {"action": "Allow", "source": {"notNets": ["::/0"]}},
+            ],
+        }));
+        p.validate().unwrap();
+        let parsed = Policy::parse(Some("default"), &p).unwrap();
+        let ep = Endpoint {
+            namespace: "default".to_owned(),
+            ip: Ipv4Addr::new(10, 65, 0, 2),
+            labels: Labels::new(),
+            ports: vec![],
+        };
+        let endpoints = [ep.clone()];
+        let namespaces = BTreeMap::new();
+        let r = Resolver::new(&endpoints, &namespaces, [&parsed]);
+        let rules = r.rules_for(&ep, true).unwrap();
+        // The IPv6-only rule is gone; the mixed one keeps its IPv4 net; the notNets one
+        // excludes nothing.
+        assert_eq!(rules.len(), 2, "{rules:#?}");
+        assert_eq!(rules[0].action, verdict::DENY);
+        assert_eq!(
+            rules[0].terms[0].peer.all_of,
+            vec![vec!["10.0.0.0/8".parse::<Ipv4Net>().unwrap()]]
+        );
+        assert_eq!(rules[1].action, verdict::ALLOW);
+        assert!(rules[1].terms[0].peer.none_of.is_empty());
     }
 }
