@@ -21,6 +21,48 @@ pub const IPPROTO_UDP: u8 = 17;
 /// from-workload drops frames from any other.
 pub const FRAME_SRC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 pub const FRAME_DST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+/// Sends `inner` (an IPv4 packet) in IP-in-IP from namespace `ns` to each address of `dsts`
+/// in turn, through a raw socket: the kernel adds the outer header from `ns`'s own address
+/// and routes, as a host (or a pod) with root in `ns` could.
+pub fn send_ipip(ns: &crate::netns::Netns, dsts: &[Ipv4Addr], inner: &[u8]) {
+    ns.run(|| {
+        // SAFETY: plain socket syscalls on a descriptor this closure owns and closes; the
+        // address and buffer outlive the calls.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
+            assert!(
+                fd >= 0,
+                "raw IPIP socket: {}",
+                std::io::Error::last_os_error()
+            );
+            for dst in dsts {
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(dst.octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let sent = libc::sendto(
+                    fd,
+                    inner.as_ptr().cast(),
+                    inner.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                );
+                assert_eq!(
+                    sent,
+                    inner.len() as isize,
+                    "send: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    });
+}
 
 /// The Internet checksum of `data`.
 pub fn checksum(data: &[u8]) -> u16 {

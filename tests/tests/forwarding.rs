@@ -213,42 +213,7 @@ fn root_forged_sources_and_ipip_from_non_nodes_are_dropped_and_counted() {
     let inner = dataplane_tests::packets::udp_frame(Ipv4Addr::new(10, 65, 77, 1), a.ip, b"sneaky")
         [14..]
         .to_vec();
-    etcd.ns.run(|| {
-        // SAFETY: plain socket syscalls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
-            assert!(
-                fd >= 0,
-                "raw IPIP socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(node1.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            for _ in 0..3 {
-                let n = libc::sendto(
-                    fd,
-                    inner.as_ptr().cast(),
-                    inner.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                );
-                assert_eq!(
-                    n,
-                    inner.len() as isize,
-                    "send: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            libc::close(fd);
-        }
-    });
+    dataplane_tests::packets::send_ipip(&etcd.ns, &[node1; 3], &inner);
     std::thread::sleep(Duration::from_millis(200));
     let after = node_counter(&d, 0, hook::HOST_INGRESS, counter::DROP_UNKNOWN_IPIP_PEER);
     assert_eq!(

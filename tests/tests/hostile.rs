@@ -581,40 +581,9 @@ fn root_live_a_pods_ipip_to_a_remote_pod_or_node_is_never_decapsulated() {
     let delivered_before = node_counter(&d, b.node, hook::TO_WORKLOAD, counter::PACKETS);
     // What the pod tunnels: a packet for pod b "from" an address b would trust.
     let inner = udp_frame(Ipv4Addr::new(10, 65, 77, 1), b.ip, b"smuggled")[14..].to_vec();
-    a.sb.ns.run(|| {
-        // SAFETY: plain socket syscalls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
-            assert!(fd >= 0, "raw IPIP: {}", std::io::Error::last_os_error());
-            // To pod b: encapsulated by node a (a tunnel in the tunnel). To node b itself:
-            // routed natively, from a pod's address, which is no node's.
-            for dst in [b.ip, node_b, b.ip, node_b] {
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(dst.octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                let n = libc::sendto(
-                    fd,
-                    inner.as_ptr().cast(),
-                    inner.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                );
-                assert_eq!(
-                    n,
-                    inner.len() as isize,
-                    "send: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            libc::close(fd);
-        }
-    });
+    // To pod b: encapsulated by node a (a tunnel in the tunnel). To node b itself: routed
+    // natively, from a pod's address, which is no node's.
+    dataplane_tests::packets::send_ipip(&a.sb.ns, &[b.ip, node_b, b.ip, node_b], &inner);
     std::thread::sleep(Duration::from_millis(300));
     let nested = node_counter(&d, b.node, hook::HOST_INGRESS, counter::DROP_NESTED_IPIP);
     let peer = node_counter(

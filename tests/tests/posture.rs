@@ -144,46 +144,6 @@ fn policy_drops(d: &Deployment, i: usize) -> u64 {
     node_counter(d, i, hook::FROM_WORKLOAD, counter::DROP_POLICY)
 }
 
-/// Sends `inner` (an IPv4 packet) `n` times from `ns` to `to` in IP-in-IP, over a raw socket.
-fn send_ipip(ns: &Netns, to: Ipv4Addr, inner: &[u8], n: usize) {
-    ns.run(|| {
-        // SAFETY: plain socket syscalls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
-            assert!(
-                fd >= 0,
-                "raw IPIP socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(to.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            for _ in 0..n {
-                let sent = libc::sendto(
-                    fd,
-                    inner.as_ptr().cast(),
-                    inner.len(),
-                    0,
-                    (&raw const addr).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                );
-                assert_eq!(
-                    sent,
-                    inner.len() as isize,
-                    "send: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            libc::close(fd);
-        }
-    });
-}
-
 /// The IPv4 addresses of a namespace other than loopback ones.
 fn own_addresses(ns: &Netns) -> Vec<Ipv4Addr> {
     let v: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "-4", "addr", "show"])).unwrap();
@@ -318,7 +278,7 @@ fn root_a_pod_reaches_node_management_ports_only_as_its_egress_policy_allows() {
     let inner = dataplane_tests::packets::udp_frame(Ipv4Addr::new(10, 65, 77, 1), target.ip, b"x")
         [14..]
         .to_vec();
-    send_ipip(&probe.sb.ns, other.ip, &inner, 3);
+    dataplane_tests::packets::send_ipip(&probe.sb.ns, &[other.ip; 3], &inner);
     assert!(
         inbox.recv(&mut [0u8; 64]).is_err(),
         "the inner packet was delivered"
